@@ -1,0 +1,1 @@
+"""HF checkpoint -> per-rank checkpoints (and synthetic HF checkpoints for tests)."""

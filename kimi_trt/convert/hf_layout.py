@@ -1,0 +1,137 @@
+"""The tensors of a Kimi-K2 / DeepSeek-V3 Hugging Face checkpoint, derived from its config.
+
+One function, `hf_tensors`, lists every tensor the checkpoint must hold (name, dtype,
+shape, tensor class), FP8 `weight_scale_inv` tensors included. The synthetic checkpoint
+writer produces exactly this list, the converter's reader checks a real checkpoint
+against it, and the planner counts parameters from it - so the three cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kimi_trt.config import ModelConfig
+from kimi_trt.convert.fp8 import FP8_DTYPE, scale_shape
+
+# Tensor classes used for byte accounting across synth, converter, planner and inspect.
+TENSOR_CLASSES = (
+    "attention",
+    "dense_mlp",
+    "shared_expert",
+    "experts",
+    "embeddings",
+    "lm_head",
+    "norms",
+    "router",
+)
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    cls: str  # one of TENSOR_CLASSES
+    layer: int | None  # decoder layer index, None for embeddings / final norm / lm_head
+    is_scale: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _linear(
+    cfg: ModelConfig, name: str, out: int, inp: int, cls: str, layer: int | None
+) -> list[HFTensor]:
+    """A Linear weight: FP8 + block scales in an FP8 checkpoint, else BF16."""
+    if cfg.weight_block_size is None:
+        return [HFTensor(name + ".weight", torch.bfloat16, (out, inp), cls, layer)]
+    return [
+        HFTensor(name + ".weight", FP8_DTYPE, (out, inp), cls, layer),
+        HFTensor(
+            name + ".weight_scale_inv",
+            torch.float32,
+            scale_shape((out, inp), cfg.weight_block_size),
+            cls,
+            layer,
+            is_scale=True,
+        ),
+    ]
+
+
+def _norm(name: str, dim: int, layer: int | None) -> HFTensor:
+    return HFTensor(name + ".weight", torch.bfloat16, (dim,), "norms", layer)
+
+
+def _mlp(cfg: ModelConfig, prefix: str, inter: int, cls: str, layer: int) -> list[HFTensor]:
+    h = cfg.hidden_size
+    return (
+        _linear(cfg, prefix + ".gate_proj", inter, h, cls, layer)
+        + _linear(cfg, prefix + ".up_proj", inter, h, cls, layer)
+        + _linear(cfg, prefix + ".down_proj", h, inter, cls, layer)
+    )
+
+
+def layer_tensors(cfg: ModelConfig, i: int) -> list[HFTensor]:
+    """Every tensor of decoder layer i (attention, norms, dense MLP or MoE)."""
+    p = f"model.layers.{i}"
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    a = f"{p}.self_attn"
+    out = [_norm(f"{p}.input_layernorm", h, i), _norm(f"{p}.post_attention_layernorm", h, i)]
+    out += _linear(cfg, f"{a}.q_a_proj", cfg.q_lora_rank, h, "attention", i)
+    out.append(_norm(f"{a}.q_a_layernorm", cfg.q_lora_rank, i))
+    out += _linear(cfg, f"{a}.q_b_proj", heads * cfg.qk_head_dim, cfg.q_lora_rank, "attention", i)
+    out += _linear(cfg, f"{a}.kv_a_proj_with_mqa", cfg.kv_a_width, h, "attention", i)
+    out.append(_norm(f"{a}.kv_a_layernorm", cfg.kv_lora_rank, i))
+    out += _linear(
+        cfg,
+        f"{a}.kv_b_proj",
+        heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+        cfg.kv_lora_rank,
+        "attention",
+        i,
+    )
+    out += _linear(cfg, f"{a}.o_proj", h, heads * cfg.v_head_dim, "attention", i)
+    if cfg.layer_kinds[i] == "dense":
+        return out + _mlp(cfg, f"{p}.mlp", cfg.intermediate_size, "dense_mlp", i)
+    e = cfg.n_routed_experts
+    out.append(HFTensor(f"{p}.mlp.gate.weight", torch.bfloat16, (e, h), "router", i))
+    out.append(HFTensor(f"{p}.mlp.gate.e_score_correction_bias", torch.float32, (e,), "router", i))
+    for x in range(e):
+        out += _mlp(cfg, f"{p}.mlp.experts.{x}", cfg.moe_intermediate_size, "experts", i)
+    if cfg.n_shared_experts:
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        out += _mlp(cfg, f"{p}.mlp.shared_experts", inter, "shared_expert", i)
+    return out
+
+
+def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
+    """All tensors of the checkpoint, in the order Kimi-K2's files hold them."""
+    out = [
+        HFTensor(
+            "model.embed_tokens.weight",
+            torch.bfloat16,
+            (cfg.vocab_size, cfg.hidden_size),
+            "embeddings",
+            None,
+        )
+    ]
+    for i in range(cfg.num_hidden_layers):
+        out += layer_tensors(cfg, i)
+    out.append(_norm("model.norm", cfg.hidden_size, None))
+    if not cfg.tie_word_embeddings:
+        out.append(
+            HFTensor(
+                "lm_head.weight", torch.bfloat16, (cfg.vocab_size, cfg.hidden_size), "lm_head", None
+            )
+        )
+    return out

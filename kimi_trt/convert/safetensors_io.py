@@ -1,0 +1,131 @@
+"""Streaming safetensors writer: header first, then tensors one at a time.
+
+`safetensors.torch.save_file` needs every tensor of a file in memory at once; a rank file
+of the real model is ~130 GB. Here the header is computed from shapes alone, tensors are
+appended in header order and hashed on the fly, and the file appears under its final name
+only after fsync + atomic rename, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPE_TO_ST = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamingSafetensorsWriter:
+    """Write tensors in the order of `specs`; `close()` fsyncs and renames into place.
+
+    Use as a context manager: on an exception the temporary file is removed.
+    """
+
+    def __init__(
+        self, path: str | Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
+    ):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.specs = list(specs)
+        self._next = 0
+        self._sha = hashlib.sha256()
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for s in self.specs:
+            header[s.name] = {
+                "dtype": DTYPE_TO_ST[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
+            offset += s.nbytes
+        self.data_bytes = offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * ((-len(blob)) % 8)
+        self._fh = open(self.tmp, "wb")
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+        self.sha256: str | None = None
+
+    def _emit(self, data) -> None:
+        self._fh.write(data)
+        self._sha.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.specs):
+            raise ValueError(f"{self.path}: unexpected extra tensor {name}")
+        spec = self.specs[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"{self.path}: expected {spec.name} {spec.dtype} {spec.shape}, "
+                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        t = tensor.detach().contiguous().cpu()
+        self._emit(memoryview(t.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> str:
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next :]]
+            raise ValueError(
+                f"{self.path}: {len(missing)} tensors never written, first {missing[0]}"
+            )
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        self.sha256 = self._sha.hexdigest()
+        return self.sha256
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._fh.closed:
+            self.close()
+
+
+def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,127 @@
+"""`kimi-trt inspect PATH`: describe an HF checkpoint, a per-rank checkpoint or an engine dir.
+
+Only safetensors headers are read (no tensor data), so inspecting the 1 TB checkpoint
+takes seconds. `describe` returns plain data (for --json); `render` formats it for people.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from kimi_trt.config import load_model_config
+from kimi_trt.convert.hf_layout import hf_tensors
+from kimi_trt.errors import CheckpointError, ConfigError
+
+_ST_BYTES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "I32": 4,
+    "I64": 8,
+    "BOOL": 1,
+}
+
+
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """name -> {dtype, shape} from a safetensors file's header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {
+                k: {
+                    "dtype": str(f.get_slice(k).get_dtype()),
+                    "shape": list(f.get_slice(k).get_shape()),
+                }
+                for k in f.keys()
+            }
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _nbytes(info: dict[str, Any]) -> int:
+    return math.prod(info["shape"]) * _ST_BYTES.get(info["dtype"], 0)
+
+
+def describe_hf(path: Path) -> dict[str, Any]:
+    cfg = load_model_config(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    tensors: dict[str, dict[str, Any]] = {}
+    for f in files:
+        tensors.update(safetensors_header(path / f))
+    cls_of = {t.name: t.cls for t in hf_tensors(cfg)}
+    by_class: dict[str, int] = defaultdict(int)
+    for name, info in tensors.items():
+        by_class[cls_of.get(name, "other")] += _nbytes(info)
+    dtypes = Counter(info["dtype"] for info in tensors.values())
+    fp8_blocks = sum(
+        math.prod(i["shape"]) for n, i in tensors.items() if n.endswith("weight_scale_inv")
+    )
+    expected = set(cls_of)
+    return {
+        "kind": "hf_checkpoint",
+        "path": str(path),
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "moe_layers": len(cfg.moe_layers),
+        "hidden_size": cfg.hidden_size,
+        "experts": cfg.n_routed_experts,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "vocab_size": cfg.vocab_size,
+        "weight_block_size": list(cfg.weight_block_size) if cfg.weight_block_size else None,
+        "files": len(files),
+        "tensors": len(tensors),
+        "dtypes": dict(dtypes),
+        "bytes": sum(_nbytes(i) for i in tensors.values()),
+        "bytes_by_class": dict(sorted(by_class.items())),
+        "fp8_blocks": fp8_blocks,
+        "missing_tensors": sorted(expected - set(tensors))[:20],
+        "unknown_tensors": sorted(set(tensors) - expected)[:20],
+    }
+
+
+def describe(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
+    if (path / "model.safetensors.index.json").exists() or list(path.glob("model*.safetensors")):
+        return describe_hf(path)
+    raise ConfigError(f"{path}: not an HF checkpoint, per-rank checkpoint or engine dir")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"{info['kind']}: {info['path']}"]
+    for key, value in info.items():
+        if key in ("kind", "path"):
+            continue
+        if key.startswith("bytes_by") and isinstance(value, dict):
+            lines.append(f"  {key}:")
+            lines += [f"    {k:<14} {_gb(v)}" for k, v in value.items()]
+        elif key == "bytes":
+            lines.append(f"  {key:<18} {_gb(value)}")
+        elif isinstance(value, list) and not value:
+            continue
+        else:
+            lines.append(f"  {key:<18} {value}")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Shared fixtures: synthetic checkpoints (session-scoped, written once per run)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+K2_CONFIG = REPO / "kimi_trt" / "assets" / "kimi-k2-instruct.config.json"
+VENV_BIN = Path(sys.executable).parent
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for subprocesses: the venv's bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    write_synthetic_checkpoint(preset_config("tiny"), out, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_groups_ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_groups")
+    write_synthetic_checkpoint(preset_config("tiny-groups"), out, seed=1, progress=False)
+    return out
