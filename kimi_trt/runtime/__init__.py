@@ -1,0 +1,1 @@
+"""Runtime: MPI launch, executors, generation, tokenizer, chat template, tool-call parsing, serving."""
