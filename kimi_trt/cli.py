@@ -96,5 +96,31 @@ def inspect(path: Path, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
+@main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Build YAML."
+)
+@click.option(
+    "--model-config",
+    type=click.Path(path_type=Path),
+    help="config.json to plan with instead of <checkpoint>/config.json (plan before downloading).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
+    """Per-GPU memory plan of a build config, from configs alone (no weights are read).
+
+    \b
+    Prints per-rank weight bytes by tensor class, activations, KV cache bytes per token,
+    the KV budget and how many max_seq_len sequences fit, the verdict, and the smallest
+    layout that fits the configured GPU. Exit 0 when the layout fits, 2 when it does not
+    (the reason as one line on stderr) or when a config is missing or invalid.
+    """
+    from kimi_trt.plan import load_plan, plan_to_dict, render_plan, require_fit
+
+    result = load_plan(config_path, model_config)
+    click.echo(json.dumps(plan_to_dict(result), indent=2) if as_json else render_plan(result))
+    require_fit(result)
+
+
 if __name__ == "__main__":
     main()

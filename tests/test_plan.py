@@ -1,0 +1,138 @@
+"""The planner: catalogue, parameter/byte totals, KV cache, activations, verdicts, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kimi_trt.cli import main
+from kimi_trt.config import Limits, Parallelism, load_model_config
+from kimi_trt.convert.hf_layout import hf_tensors
+from kimi_trt.convert.synth import preset_config
+from kimi_trt.gpus import GB, GPUS, device_spec
+from kimi_trt.mapping import Mapping, layout_problems
+from kimi_trt.plan import (
+    activation_bytes,
+    candidate_layouts,
+    kv_bytes_per_token,
+    layout_name,
+    scaled_sum,
+    source_summary,
+)
+from tests.conftest import K2_CONFIG, cli_env
+
+
+@pytest.fixture(scope="module")
+def k2():
+    return load_model_config(K2_CONFIG)
+
+
+def test_catalogue_holds_the_stated_parts():
+    assert {g: (s.memory_bytes // GB, s.sm, s.nvlink_domain) for g, s in GPUS.items()} == {
+        "h100": (80, 90, 8),
+        "h200": (141, 90, 8),
+        "b200": (180, 100, 8),
+        "gb200": (186, 100, 72),
+    }
+    assert all(s.fp8 for s in GPUS.values())
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux /proc/meminfo")
+def test_cpu_device_is_this_hosts_ram():
+    line = next(
+        x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+    )
+    assert device_spec("cpu").memory_bytes == int(line.split()[1]) * 1024
+    assert device_spec("cpu").shared_memory
+
+
+def test_k2_source_totals_match_the_published_counts(k2):
+    src = source_summary(k2)
+    # kimi-k2.md: 1,026,470,731,056 elements = parameters + fp32 scales + 61 x 56 inv_freq
+    assert src.parameters == 1_026_408_232_448
+    assert src.scale_elements == 62_495_192
+    assert src.parameters + src.scale_elements + 61 * 56 == 1_026_470_731_056
+    # FP8 + BF16 + fp32 scales + fp32 router bias (1536 bytes per MoE layer) = ~959 GiB
+    assert src.bytes == 1_023_893_241_856 + 5_029_935_104 + 249_980_768 + 60 * 1536
+    assert abs(src.bytes / 2**30 - 959) < 1
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-groups"])
+@pytest.mark.parametrize("freq", [1, 2])
+def test_per_layer_kind_scaling_equals_full_enumeration(preset, freq):
+    cfg = preset_config(preset, layers=6, overrides={"moe_layer_freq": freq})
+    full: dict[str, int] = {}
+    for t in hf_tensors(cfg):
+        full[t.cls] = full.get(t.cls, 0) + t.nbytes
+    assert scaled_sum(cfg, hf_tensors, lambda t: t.nbytes) == full
+
+
+def test_kv_bytes_per_token_is_the_mla_latent(k2):
+    assert kv_bytes_per_token(k2, "bf16") == (512 + 64) * 61 * 2 == 70_272
+    assert kv_bytes_per_token(k2, "fp8") == 35_136
+
+
+def test_activation_estimate_scales_with_tokens_and_layout(k2):
+    lim = Limits(max_num_tokens=4096, max_batch_size=8)
+    tp8 = Mapping(8, 8, 1, 8)
+    a = activation_bytes(k2, tp8, lim)
+    b = activation_bytes(k2, tp8, lim.model_copy(update={"max_num_tokens": 8192}))
+    assert b["residual"] == 2 * a["residual"] == 2 * 3 * 4096 * 7168 * 2
+    assert b["largest_layer"] == 2 * a["largest_layer"]
+    # fp32 logits of the last token of max_batch_size sequences over this rank's vocab slice
+    assert a["logits"] == 8 * (163840 // 8) * 4
+    dp8 = Mapping(8, 8, 1, 8, attention_dp=True)
+    # attention DP gathers every rank's tokens into the MoE: its rows grow 8x
+    assert activation_bytes(k2, dp8, lim)["largest_layer"] > 7 * a["largest_layer"]
+
+
+def test_layout_names_and_candidates(k2):
+    assert layout_name(Parallelism(tp=16, ep=16)) == "EP16"
+    assert layout_name(Parallelism(tp=8, ep=1, moe_tp=8)) == "TP8"
+    assert layout_name(Parallelism(tp=8, ep=4, moe_tp=2, attention_dp=True)) == (
+        "TP8 (EP4 x MoE-TP2) + attention DP"
+    )
+    cands = candidate_layouts(8)
+    assert {(p.ep, p.moe_tp) for p in cands} == {(8, 1), (4, 2), (2, 4), (1, 8)}
+    assert len(cands) == 8
+    # K2's moe_intermediate_size 2048 splits into 128-blocks up to 16 ways
+    ok = [p for p in candidate_layouts(32) if not layout_problems(k2, Mapping.from_parallelism(p))]
+    assert ok and all(p.moe_tp <= 16 for p in ok)
+
+
+def _run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kimi_trt.cli", "plan", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+
+
+def _plan_in_process(*args: str):
+    return CliRunner().invoke(main, ["plan", *args])
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    missing = _run_plan("--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml: build config not found" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not missing.stdout
+    cases = {
+        "bad.yaml": ("checkpoint: [unclosed\n", "malformed YAML at line"),
+        "unknown.yaml": ("checkpoint: c\noutput_dir: o\ngpus: b200\n", "unknown key 'gpus'"),
+        "no_ckpt.yaml": ("checkpoint: ckpt\noutput_dir: out\n", "config.json not found"),
+        "layout.yaml": (
+            "checkpoint: c\noutput_dir: o\nparallelism: {tp: 8, ep: 4}\n",
+            "ep (4) x moe_tp (1) must equal tp (8)",
+        ),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        r = _plan_in_process("--config", str(tmp_path / name))
+        assert r.exit_code == 2, (name, r.output)
+        assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
