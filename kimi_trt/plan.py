@@ -324,7 +324,7 @@ def _rank_memory(
 ) -> RankMemory:
     mapping = Mapping.from_parallelism(build.parallelism)
     per_rank = [rank_weight_bytes(model, mapping, build.weights, r) for r in ranks]
-    weights = max(per_rank, key=lambda d: sum(d.values()))
+    weights = max(per_rank, key=lambda d: sum(d.values()), default={})
     share = build.parallelism.world_size if device.shared_memory else 1
     return RankMemory(
         device_bytes=device.memory_bytes // share,
@@ -367,8 +367,9 @@ def candidate_layouts(world: int) -> list[Parallelism]:
 def smallest_fitting_layout(
     build: BuildConfig, model: ModelConfig, device: DeviceSpec
 ) -> Plan | None:
-    """Fewest ranks (powers of two) whose layout fits; among those, the most KV tokens.
-    None on a host whose ranks share its RAM (more ranks cannot make room there)."""
+    """Fewest ranks (powers of two) whose layout fits; among those, the most expert-parallel
+    one (MoE-TP cuts each expert's GEMMs into slivers; peers deploy K2 with EP), then the
+    most KV tokens. None on a host whose ranks share its RAM (more ranks cannot help there)."""
     if device.shared_memory:
         return None
     world = 1
@@ -381,7 +382,7 @@ def smallest_fitting_layout(
             if cand.fits:
                 fitting.append(cand)
         if fitting:
-            return max(fitting, key=lambda c: (c.system_kv_tokens, -c.parallelism.moe_tp))
+            return max(fitting, key=lambda c: (-c.parallelism.moe_tp, c.system_kv_tokens))
         world *= 2
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,18 @@ import pytest
 from click.testing import CliRunner
 
 from kimi_trt.cli import main
-from kimi_trt.config import Limits, Parallelism, load_model_config
+from kimi_trt.config import (
+    BuildConfig,
+    Limits,
+    Parallelism,
+    WeightFormats,
+    build_config_from_dict,
+    load_model_config,
+)
 from kimi_trt.convert.hf_layout import hf_tensors
 from kimi_trt.convert.synth import preset_config
+from kimi_trt.convert.weight_table import rank_tensor_specs
+from kimi_trt.errors import ConfigError
 from kimi_trt.gpus import GB, GPUS, device_spec
 from kimi_trt.mapping import Mapping, layout_problems
 from kimi_trt.plan import (
@@ -20,6 +30,8 @@ from kimi_trt.plan import (
     candidate_layouts,
     kv_bytes_per_token,
     layout_name,
+    make_plan,
+    require_fit,
     scaled_sum,
     source_summary,
 )
@@ -136,3 +148,96 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         r = _plan_in_process("--config", str(tmp_path / name))
         assert r.exit_code == 2, (name, r.output)
         assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ---- plans of the real K2 (weight bytes from the converter's weight table) -------------------
+
+
+def _build(gpu: str, **par) -> BuildConfig:
+    raw = {"checkpoint": "ckpt", "output_dir": "out", "gpu": gpu, "parallelism": par}
+    return build_config_from_dict(raw, "test.yaml")
+
+
+def test_k2_routed_expert_bytes_per_ep8_rank(k2):
+    plan = make_plan(_build("b200", tp=8, ep=8), k2)
+    # kimi-k2.md shapes: 60 MoE layers x 48 local experts x (gate, up, down) of 2048 x 7168
+    # FP8, plus fp32 block scales [16, 56] x 2 and [56, 16] per expert
+    fp8 = 60 * 48 * 3 * 2048 * 7168
+    scales = 60 * 48 * (2 * 16 * 56 + 56 * 16) * 4
+    assert plan.rank.weights_by_class["experts"] == fp8 + scales
+    # every source byte of the experts lands on exactly one rank (copied as-is)
+    assert 8 * (fp8 + scales) == plan.source.bytes_by_class["experts"]
+
+
+def test_k2_ep8_fits_b200_not_h100(k2):
+    b200 = make_plan(_build("b200", tp=8, ep=8), k2)
+    assert b200.fits, b200.reason
+    assert 120 * GB < b200.rank.weights < 140 * GB
+    assert b200.rank.kv_tokens * b200.rank.kv_bytes_per_token <= b200.rank.kv_budget
+    assert b200.kv_sequences >= b200.limits.max_batch_size
+    h100 = make_plan(_build("h100", tp=8, ep=8), k2)
+    assert not h100.fits
+    assert "exceed the 80.0 GB of one H100 SXM 80 GB" in h100.reason
+    s = h100.suggestion
+    assert s is not None and s.fits
+    assert (s.world_size, s.parallelism.ep, s.parallelism.moe_tp) == (16, 16, 1)
+    assert s.rank.weights + s.rank.activations + s.rank.reserved < 80 * GB
+    assert "needs EP16: 2 nodes of 8 x H100 SXM 80 GB" in h100.reason
+    with pytest.raises(ConfigError, match="EP8 on H100 SXM 80 GB does not fit"):
+        require_fit(h100)
+
+
+def test_attention_dp_trades_weights_for_kv_capacity(k2):
+    tp = make_plan(_build("b200", tp=8, ep=8), k2)
+    dp = make_plan(_build("b200", tp=8, ep=8, attention_dp=True), k2)
+    # whole attention, dense MLP, shared expert and vocab on every rank...
+    for cls in ("attention", "dense_mlp", "shared_expert", "embeddings", "lm_head"):
+        assert dp.rank.weights_by_class[cls] > 4 * tp.rank.weights_by_class[cls], cls
+    # ...but each rank caches only its own requests
+    assert dp.system_kv_tokens == 8 * dp.rank.kv_tokens
+    assert tp.system_kv_tokens == tp.rank.kv_tokens
+
+
+def test_layout_that_cannot_split_does_not_fit(k2):
+    plan = make_plan(_build("gb200", tp=3, ep=3), k2)
+    assert not plan.fits and "num_attention_heads=64 is not divisible by 3" in plan.reason
+    assert plan.suggestion is not None and plan.suggestion.world_size == 8
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-groups"])
+@pytest.mark.parametrize(
+    "par", [{"tp": 1}, {"tp": 2, "ep": 2}, {"tp": 4, "ep": 2, "moe_tp": 2, "attention_dp": True}]
+)
+def test_planned_rank_bytes_equal_the_weight_table(preset, par):
+    cfg = preset_config(preset, layers=5, overrides={"moe_layer_freq": 2})
+    build = _build("cpu", **par).model_copy(update={"weights": WeightFormats(experts="int8_wo")})
+    mapping = Mapping.from_parallelism(build.parallelism)
+    full: dict[str, int] = {}
+    for t in rank_tensor_specs(cfg, mapping, build.weights, 0):
+        full[t.cls] = full.get(t.cls, 0) + t.nbytes
+    got = make_plan(build, cfg).rank.weights_by_class
+    assert {c: n for c, n in got.items() if n} == full
+
+
+def test_cli_plan_json_and_exit_codes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(K2_CONFIG.read_text())
+    yaml_path = tmp_path / "b200.yaml"
+    yaml_path.write_text(
+        "checkpoint: ckpt\noutput_dir: out\ngpu: b200\nparallelism: {tp: 8, ep: 8}\n"
+    )
+    ok = _run_plan("--config", str(yaml_path), "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["fits"] and data["layout"]["name"] == "EP8"
+    assert data["per_rank"]["kv_bytes_per_token"] == 70_272
+    assert data["source_checkpoint"]["parameters"] == 1_026_408_232_448
+    h100 = tmp_path / "h100.yaml"
+    h100.write_text(
+        "checkpoint: elsewhere\noutput_dir: out\ngpu: h100\nparallelism: {tp: 8, ep: 8}\n"
+    )
+    r = _plan_in_process("--config", str(h100), "--model-config", str(K2_CONFIG))
+    assert r.exit_code == 2
+    assert "DOES NOT FIT" in r.stdout and "needs EP16" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
