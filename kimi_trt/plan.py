@@ -299,7 +299,7 @@ def _layout_kv_verdict(plan: Plan) -> tuple[bool, str]:
             f"max_seq_len={lim.max_seq_len} needs {lim.max_seq_len * r.kv_bytes_per_token / GB:.2f} GB"
         )
     return True, (
-        f"fits: {r.kv_budget / GB:.1f} GB of KV cache per rank = {r.kv_tokens:,} tokens = "
+        f"{r.kv_budget / GB:.1f} GB of KV cache per rank = {r.kv_tokens:,} tokens = "
         f"{plan.kv_sequences} sequence(s) of {lim.max_seq_len} tokens"
     )
 
@@ -494,7 +494,7 @@ def render_plan(plan: Plan) -> str:
     if s is not None:
         lines.append(
             f"smallest layout that fits a {plan.device.label}: {s.layout} ({s.where()}), "
-            f"{s.rank.weights / GB:.1f} GB weights per rank, {s.system_kv_tokens:,} KV tokens"
+            f"{s.rank.weights / GB:.1f} GB weights per rank, {s.system_kv_tokens:,} KV tokens in all"
         )
     return "\n".join(lines)
 
