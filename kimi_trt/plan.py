@@ -328,7 +328,7 @@ def _rank_memory(
     share = build.parallelism.world_size if device.shared_memory else 1
     return RankMemory(
         device_bytes=device.memory_bytes // share,
-        weights_by_class=weights,
+        weights_by_class=dict(weights),
         activations_by_part=activation_bytes(model, mapping, build.limits),
         reserved=device.reserved_bytes,
         kv_bytes_per_token=kv_bytes_per_token(model, build.kv_cache_dtype),
