@@ -1,0 +1,197 @@
+"""Chat rendering: run the checkpoint's own Jinja chat template the way transformers does.
+
+Why not hand-format turns: a checkpoint's template is the contract its model was trained
+with (and other engines' bugs came from re-implementing it: dropped generation prompts,
+list content rendered as a literal list). So we execute the template itself in the same
+kind of environment as transformers' `apply_chat_template`: a sandboxed, immutable Jinja
+environment with trim_blocks/lstrip_blocks, loop controls, a `tojson` that keeps non-ASCII
+and accepts `separators`/`indent`/`sort_keys`, `raise_exception`, `strftime_now`, and the
+`{% generation %}` block. Messages are plain data first, with None-valued keys dropped.
+
+Before rendering, history tool-call ids are normalised to Kimi's `functions.{name}:{idx}`
+(idx = position in its assistant turn) and tool results are re-pointed at the new ids;
+a tool result without `name` gets its call's function name (the template prints it as
+the turn's role label). The model only ever produced such ids, so clients' own ids
+(`call_abc123`) would otherwise show it a format it never saw.
+
+DEFAULT_CHAT_TEMPLATE (used when a checkpoint has none) is Kimi-K2-Instruct's documented
+template: tools declared in a `tool_declare` system turn as compact JSON, the default
+system prompt when the first message is not a system one, `<|im_{role}|>{name or
+role}<|im_middle|>...<|im_end|>` turns, assistant tool calls in a tool-calls section,
+tool results as `## Return of {id}\\n{content}`, and `<|im_assistant|>assistant<|im_middle|>`
+as the generation prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from kimi_trt.errors import ConfigError, UserError
+
+DEFAULT_CHAT_TEMPLATE = (
+    Path(__file__).resolve().parent.parent / "assets" / "kimi_k2_chat_template.jinja"
+).read_text(encoding="utf-8")
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template once (cached by its text); ConfigError on a syntax error."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"chat template line {e.lineno}: {e.message}") from None
+
+
+def plain_data(value: Any) -> Any:
+    """JSON-like copy of `value` (pydantic models via model_dump); the template sees only this."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if callable(getattr(value, "model_dump", None)):
+        return plain_data(value.model_dump())
+    raise UserError(f"chat message field of type {type(value).__name__} is not JSON-like data")
+
+
+def _as_messages(messages: Sequence[Any]) -> list[dict]:
+    out = []
+    for i, message in enumerate(messages):
+        message = plain_data(message)
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise UserError(f"messages[{i}]: expected an object with a string 'role'")
+        out.append({k: v for k, v in message.items() if v is not None})
+    return out
+
+
+def normalize_tool_call_ids(messages: list[dict]) -> list[dict]:
+    """Rewrite assistant tool-call ids to `functions.{name}:{idx}` and re-point tool results.
+
+    A tool result whose `tool_call_id` is unknown keeps it; one without an id takes the
+    next unanswered call of the preceding assistant turn. Works on (and returns) copies.
+    """
+    id_map: dict[str, tuple[str, str]] = {}
+    unanswered: list[tuple[str, str]] = []
+    out = []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            calls, unanswered = [], []
+            for idx, call in enumerate(message["tool_calls"]):
+                name = _call_name(call, f"messages[{i}].tool_calls[{idx}]")
+                new_id = f"functions.{name}:{idx}"
+                if isinstance(call.get("id"), str):
+                    id_map[call["id"]] = (new_id, name)
+                calls.append({**call, "id": new_id})
+                unanswered.append((new_id, name))
+            message["tool_calls"] = calls
+        elif message["role"] == "tool":
+            old = message.get("tool_call_id")
+            target = id_map.get(old) if isinstance(old, str) else None
+            if target is None and old is None and unanswered:
+                target = unanswered[0]
+            if target is not None:
+                message["tool_call_id"] = target[0]
+                message.setdefault("name", target[1])
+                if target in unanswered:
+                    unanswered.remove(target)
+        out.append(message)
+    return out
+
+
+def _call_name(call: Any, where: str) -> str:
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: expected function.name (a non-empty string)")
+    return name
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
+
+
+def render_chat(
+    messages: Sequence[Any],
+    *,
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+    normalize_ids: bool = True,
+    sort_tool_keys: bool = False,
+    **template_kwargs: Any,
+) -> str:
+    """Render `messages` (+ `tools`) with `template` (default: Kimi-K2's) to prompt text.
+
+    sort_tool_keys=True sorts the tools' JSON keys recursively first, as some releases of
+    Kimi's tokenization_kimi.py do before rendering. Extra keyword arguments reach the
+    template as variables, like transformers' `apply_chat_template(**kwargs)`.
+    """
+    chat = _as_messages(messages)
+    if normalize_ids:
+        chat = normalize_tool_call_ids(chat)
+    tool_list = plain_data(list(tools)) if tools is not None else None
+    if tool_list and sort_tool_keys:
+        tool_list = _sorted_keys(tool_list)
+    compiled = compile_template(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+    try:
+        return compiled.render(
+            messages=chat,
+            tools=tool_list,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **plain_data(template_kwargs),
+        )
+    except jinja2.TemplateError as e:
+        raise UserError(f"chat template rejected the conversation: {e}") from None
