@@ -98,6 +98,51 @@ def inspect(path: Path, as_json: bool) -> None:
 
 @main.command()
 @click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="HF checkpoint dir (config.json + safetensors). Omit with --verify to only re-check --out.",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--tp", type=int, default=1, show_default=True, help="World size (ranks).")
+@click.option("--ep", type=int, help="Expert-parallel ways [default: tp / moe-tp].")
+@click.option("--moe-tp", type=int, help="Ways each expert is split [default: tp / ep].")
+@click.option("--attention-dp", is_flag=True, help="Replicate attention (data-parallel).")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    metavar="CLASS=FORMAT",
+    help="Weight format of a tensor class, repeatable: attention, dense_mlp, shared_expert, "
+    "experts = fp8_block|fp8_ue8m0|int8_wo|bf16|fp32; embeddings = bf16|fp32. "
+    "Default: fp8_block everywhere, bf16 embeddings.",
+)
+@click.option("--verify", is_flag=True, help="Re-hash every output file against the manifest.")
+@click.option("--strict", is_flag=True, help="Unknown source tensors are an error, not a warning.")
+@click.option("--jobs", type=int, help="Ranks converted in parallel [default: min(world, CPUs, 4)].")
+@click.option("--quiet", is_flag=True, help="No progress bar; summary only.")
+def convert(
+    checkpoint, out, tp, ep, moe_tp, attention_dp, formats, verify, strict, jobs, quiet
+) -> None:
+    """HF block-FP8 checkpoint -> per-rank checkpoint (config.json, rank{N}.safetensors,
+    manifest.json), streamed in bounded memory, resumable after a crash.
+
+    \b
+    Example (8 GPUs, experts split 8 ways, attention data-parallel):
+      kimi-trt convert --checkpoint Kimi-K2-Instruct --out ckpt-ep8 --tp 8 --ep 8 --attention-dp
+    Rerunning the same command reuses every complete, checksummed rank file. The format
+    is documented in docs/per-rank-checkpoint.md.
+    """
+    from kimi_trt.convert.cli_support import convert_command
+
+    click.echo(
+        convert_command(
+            checkpoint, out, tp, ep, moe_tp, attention_dp, formats, verify, strict, jobs, quiet
+        )
+    )
+
+
+@main.command()
+@click.option(
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Build YAML."
 )
 @click.option(
@@ -120,6 +165,34 @@ def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
     result = load_plan(config_path, model_config)
     click.echo(json.dumps(plan_to_dict(result), indent=2) if as_json else render_plan(result))
     require_fit(result)
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Build YAML."
+)
+@click.option(
+    "--stop-after",
+    type=click.Choice(["plan", "convert", "compile", "package"]),
+    help="Stop after this stage (default: run all four).",
+)
+def build(config_path: Path, stop_after: str | None) -> None:
+    """HF checkpoint -> engine dir: plan, convert, compile, package.
+
+    \b
+    plan     memory plan + backend/format/GPU checks; refuses before any weight is read
+    convert  per-rank checkpoint (resumable, checksummed)
+    compile  backend trtllm: one TensorRT-LLM engine per rank (GPU host; exit 3 elsewhere,
+             with the command that finishes the build); backend torch: the checkpoint
+             itself, runnable by `mpirun -np N kimi-trt run`
+    package  tokenizer files + manifest.json
+    Rerunning skips every stage whose outputs still verify (checksums + config hash) and
+    redoes the stages a changed config affects. Progress and timings go to stderr.
+    """
+    from kimi_trt.build import run_build
+
+    result = run_build(config_path, stop_after, log=lambda s: click.echo(s, err=True))
+    click.echo(result.summary())
 
 
 if __name__ == "__main__":

@@ -97,10 +97,68 @@ def describe_hf(path: Path) -> dict[str, Any]:
     }
 
 
+def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
+    """A per-rank checkpoint: layout, formats, and bytes per rank and tensor class."""
+    from kimi_trt.convert.rank_checkpoint import MANIFEST_NAME, read_rank_config
+    from kimi_trt.convert.weight_table import rank_tensor_specs
+
+    cfg = read_rank_config(path)
+    manifest_path = path / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    files = manifest.get("files", {})
+    m, totals, ranks = cfg.mapping, defaultdict(int), []
+    for rank in range(cfg.world_size):
+        f = cfg.rank_file(rank)
+        if not f.is_file():
+            ranks.append({"file": f.name, "missing": True})
+            continue
+        cls_of = {t.name: t.cls for t in rank_tensor_specs(cfg.model, m, cfg.formats, rank)}
+        by_class: dict[str, int] = defaultdict(int)
+        header = safetensors_header(f)
+        for name, info in header.items():
+            by_class[cls_of.get(name, "other")] += _nbytes(info)
+            totals[cls_of.get(name, "other")] += _nbytes(info)
+        ranks.append(
+            {
+                "file": f.name,
+                "bytes": f.stat().st_size,
+                "tensors": len(header),
+                "sha256": files.get(f.name, {}).get("sha256", "")[:16],
+                "bytes_by_class": dict(sorted(by_class.items())),
+            }
+        )
+    return {
+        "kind": "per_rank_checkpoint",
+        "path": str(path),
+        "complete": bool(manifest),
+        "config_hash": cfg.config_hash,
+        "world_size": cfg.world_size,
+        "tp": m.tp_size,
+        "ep": m.moe_ep_size,
+        "moe_tp": m.moe_tp_size,
+        "attention_dp": m.attention_dp,
+        "weight_formats": cfg.formats.model_dump(mode="json"),
+        "layers": cfg.model.num_hidden_layers,
+        "experts": cfg.model.n_routed_experts,
+        "vocab_size": cfg.model.vocab_size,
+        "vocab_size_padded": cfg.vocab_size_padded,
+        "bytes": sum(r.get("bytes", 0) for r in ranks),
+        "bytes_by_class": dict(sorted(totals.items())),
+        "ranks": ranks,
+        "requant_error": {
+            k: v for k, v in manifest.get("requant_error", {}).items() if not v.get("exact")
+        },
+    }
+
+
 def describe(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
+    from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint
+
+    if is_rank_checkpoint(path):
+        return describe_rank_checkpoint(path)
     if (path / "model.safetensors.index.json").exists() or list(path.glob("model*.safetensors")):
         return describe_hf(path)
     raise ConfigError(f"{path}: not an HF checkpoint, per-rank checkpoint or engine dir")
@@ -108,6 +166,13 @@ def describe(path: Path) -> dict[str, Any]:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _render_rank(r: dict[str, Any]) -> str:
+    if r.get("missing"):
+        return f"  {r['file']:<18} MISSING"
+    classes = ", ".join(f"{k} {_gb(v)}" for k, v in r["bytes_by_class"].items())
+    return f"  {r['file']:<18} {_gb(r['bytes'])}  {r['tensors']} tensors  {classes}"
 
 
 def render(info: dict[str, Any]) -> str:
@@ -120,6 +185,8 @@ def render(info: dict[str, Any]) -> str:
             lines += [f"    {k:<14} {_gb(v)}" for k, v in value.items()]
         elif key == "bytes":
             lines.append(f"  {key:<18} {_gb(value)}")
+        elif key == "ranks":
+            lines += [_render_rank(r) for r in value]
         elif isinstance(value, list) and not value:
             continue
         else:

@@ -17,7 +17,7 @@ Formats (docs/per-rank-checkpoint.md):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,9 +56,8 @@ class ErrorStats:
     abs_err_sum: float = 0.0
     abs_sum: float = 0.0
     pieces: int = 0
-    tensors: set[str] = field(default_factory=set)
 
-    def add(self, name: str, exact: torch.Tensor, approx: torch.Tensor) -> None:
+    def add(self, exact: torch.Tensor, approx: torch.Tensor) -> None:
         diff = (approx.to(torch.float32) - exact).abs()
         amax = float(exact.abs().max()) if exact.numel() else 0.0
         if amax > 0:
@@ -66,20 +65,18 @@ class ErrorStats:
         self.abs_err_sum += float(diff.sum(dtype=torch.float64))
         self.abs_sum += float(exact.abs().sum(dtype=torch.float64))
         self.pieces += 1
-        self.tensors.add(name)
 
     def merge(self, other: ErrorStats) -> None:
         self.max_rel = max(self.max_rel, other.max_rel)
         self.abs_err_sum += other.abs_err_sum
         self.abs_sum += other.abs_sum
         self.pieces += other.pieces
-        self.tensors |= other.tensors
 
     def to_json(self) -> dict:
         return {
             "max_rel_err": self.max_rel,
             "mean_rel_err": self.abs_err_sum / self.abs_sum if self.abs_sum else 0.0,
-            "tensors": len(self.tensors),
+            "pieces": self.pieces,
         }
 
     def state(self) -> dict:
@@ -88,12 +85,11 @@ class ErrorStats:
             "abs_err_sum": self.abs_err_sum,
             "abs_sum": self.abs_sum,
             "pieces": self.pieces,
-            "tensors": sorted(self.tensors),
         }
 
     @classmethod
     def from_state(cls, d: dict) -> ErrorStats:
-        return cls(d["max_rel"], d["abs_err_sum"], d["abs_sum"], d["pieces"], set(d["tensors"]))
+        return cls(d["max_rel"], d["abs_err_sum"], d["abs_sum"], d["pieces"])
 
 
 def encode(
@@ -115,7 +111,7 @@ def encode(
     else:
         raise ValueError(f"unknown weight format {fmt!r}")
     if stats is not None:
-        stats.add(piece.source, w, approx)
+        stats.add(w, approx)
     return q, s
 
 

@@ -95,6 +95,34 @@ class StreamingSafetensorsWriter:
         self._emit(memoryview(t.view(torch.uint8).numpy()))
         self._next += 1
 
+    def write_parts(self, name: str, parts) -> None:
+        """Write the next tensor as consecutive slices along dim 0 (bounded memory).
+
+        `parts` yields tensors whose trailing dims equal the spec's and whose dim-0 sizes
+        add up to the spec's; used for stacked experts and large vocab matrices.
+        """
+        if self._next >= len(self.specs):
+            raise ValueError(f"{self.path}: unexpected extra tensor {name}")
+        spec = self.specs[self._next]
+        rows = 0
+        for part in parts:
+            if (
+                name != spec.name
+                or part.dtype != spec.dtype
+                or tuple(part.shape[1:]) != spec.shape[1:]
+                or part.dim() != len(spec.shape)
+            ):
+                raise ValueError(
+                    f"{self.path}: part of {name} {part.dtype} {tuple(part.shape)} does not "
+                    f"fit {spec.name} {spec.dtype} {spec.shape}"
+                )
+            t = part.detach().contiguous().cpu()
+            self._emit(memoryview(t.view(torch.uint8).numpy()))
+            rows += part.shape[0]
+        if rows != spec.shape[0]:
+            raise ValueError(f"{self.path}: {name} got {rows} rows, expected {spec.shape[0]}")
+        self._next += 1
+
     def close(self) -> str:
         if self._next != len(self.specs):
             missing = [s.name for s in self.specs[self._next :]]

@@ -1,0 +1,90 @@
+"""Option parsing for `kimi-trt convert` (kept out of cli.py so the command stays thin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from kimi_trt.config import Parallelism, WeightFormats
+from kimi_trt.errors import ConfigError, UserError
+
+
+def parse_parallelism(
+    tp: int, ep: int | None, moe_tp: int | None, attention_dp: bool
+) -> Parallelism:
+    """--tp/--ep/--moe-tp with the missing one derived (ep * moe_tp must equal tp)."""
+    if ep is None and moe_tp is None:
+        ep, moe_tp = tp, 1
+    elif ep is None:
+        ep = tp // moe_tp if moe_tp and tp % moe_tp == 0 else 0
+    elif moe_tp is None:
+        moe_tp = tp // ep if ep and tp % ep == 0 else 0
+    try:
+        return Parallelism(tp=tp, ep=ep, moe_tp=moe_tp, attention_dp=attention_dp)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        where = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(
+            f"--tp {tp} --ep {ep} --moe-tp {moe_tp}: {where + ': ' if where else ''}{msg}"
+        ) from None
+
+
+def parse_formats(items: tuple[str, ...]) -> WeightFormats:
+    """CLASS=FORMAT pairs -> WeightFormats (unknown class or format: one-line error)."""
+    values: dict[str, str] = {}
+    for item in items:
+        cls, sep, fmt = item.partition("=")
+        if not sep or cls not in WeightFormats.model_fields:
+            raise ConfigError(
+                f"--format {item!r}: expected CLASS=FORMAT with CLASS one of "
+                f"{', '.join(WeightFormats.model_fields)}"
+            )
+        values[cls] = fmt
+    try:
+        return WeightFormats.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        cls = err["loc"][0]
+        raise ConfigError(f"--format {cls}={values.get(cls)!r}: {err['msg']}") from None
+
+
+def convert_command(
+    checkpoint: Path | None,
+    out: Path,
+    tp: int,
+    ep: int | None,
+    moe_tp: int | None,
+    attention_dp: bool,
+    formats: tuple[str, ...],
+    verify: bool,
+    strict: bool,
+    jobs: int | None,
+    quiet: bool,
+) -> str:
+    """Run `kimi-trt convert`; returns the summary to print."""
+    from kimi_trt.convert.converter import render_summary, run_conversion
+    from kimi_trt.convert.manifest import verify_dir
+
+    if checkpoint is None:
+        if not verify:
+            raise UserError("--checkpoint is required (or pass --verify to re-check --out)")
+        manifest = verify_dir(out)
+        n = len(manifest["files"])
+        return (
+            f"verified {out}: {n} files match manifest.json (config_hash {manifest['config_hash']})"
+        )
+    result = run_conversion(
+        checkpoint,
+        out,
+        parse_parallelism(tp, ep, moe_tp, attention_dp),
+        parse_formats(formats),
+        strict=strict,
+        verify=verify,
+        progress=not quiet,
+        jobs=jobs,
+        warn=lambda s: click.echo(s, err=True),
+    )
+    return render_summary(result)

@@ -1,0 +1,191 @@
+"""manifest.json, the resume state, and `--verify` for a per-rank checkpoint directory.
+
+The resume state (`.convert-state.json`) records each finished rank file: sha256 (hashed
+while writing), sizes, bytes per class and its requantisation statistics. A rerun reuses a
+rank file only if the state lists it with the same config hash and its bytes hash to the
+recorded sha256. The manifest is built from the state alone, so it is identical whether
+ranks were converted now or reused; it is written last, and its presence marks the
+directory complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+import kimi_trt
+from kimi_trt.convert.formats import ErrorStats
+from kimi_trt.convert.hf_layout import TENSOR_CLASSES
+from kimi_trt.convert.rank_checkpoint import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    RankCheckpointConfig,
+    rank_file_name,
+    read_rank_config,
+)
+from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, sha256_file
+from kimi_trt.convert.weight_table import rank_tensor_specs
+from kimi_trt.errors import CheckpointError
+
+STATE_NAME = ".convert-state.json"
+MANIFEST_KIND = "kimi_trt.per_rank_checkpoint"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temp file, fsync, rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    """Thread-safe record of finished rank files, persisted after every rank."""
+
+    def __init__(self, out: Path, config_hash: str):
+        self.path = out / STATE_NAME
+        self.config_hash = config_hash
+        self.ranks: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        if self.path.exists():
+            try:
+                raw = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raw = {}
+            if raw.get("config_hash") == config_hash:
+                self.ranks = dict(raw.get("ranks", {}))
+
+    def record(self, rank: int, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.ranks[str(rank)] = entry
+            write_json_atomic(self.path, {"config_hash": self.config_hash, "ranks": self.ranks})
+
+    def reusable(self, out: Path, rank: int) -> dict[str, Any] | None:
+        """The recorded entry if rank{rank}.safetensors exists and its sha256 matches."""
+        entry = self.ranks.get(str(rank))
+        path = out / rank_file_name(rank)
+        if entry is None or not path.exists() or path.stat().st_size != entry["bytes"]:
+            return None
+        return entry if sha256_file(path) == entry["sha256"] else None
+
+
+def _merge_errors(
+    entries: list[dict[str, Any]], key: str, formats: dict[str, str] | None
+) -> dict[str, Any]:
+    merged: dict[str, ErrorStats] = {}
+    for entry in entries:
+        for name, state in entry[key].items():
+            merged.setdefault(name, ErrorStats()).merge(ErrorStats.from_state(state))
+    out = {}
+    for name in sorted(merged):
+        info = merged[name].to_json()
+        if formats is not None:
+            info = {"format": formats.get(name, "asis"), **info}
+        out[name] = {**info, "exact": info["max_rel_err"] == 0.0}
+    return out
+
+
+def build_manifest(
+    out: Path, cfg: RankCheckpointConfig, entries: list[dict[str, Any]], source: dict[str, Any]
+) -> dict[str, Any]:
+    """manifest.json content from the per-rank state entries (in rank order)."""
+    formats = cfg.formats
+    by_format = {c: formats.for_class(c) for c in ("attention", "dense_mlp", "experts")}
+    by_format |= {"shared_expert": formats.for_class("shared_expert")}
+    by_format |= {"embeddings": formats.embeddings, "lm_head": formats.embeddings}
+    files: dict[str, Any] = {
+        CONFIG_NAME: {
+            "sha256": sha256_file(out / CONFIG_NAME),
+            "bytes": (out / CONFIG_NAME).stat().st_size,
+        }
+    }
+    totals = dict.fromkeys(TENSOR_CLASSES, 0)
+    for rank, entry in enumerate(entries):
+        files[rank_file_name(rank)] = {
+            k: entry[k] for k in ("sha256", "bytes", "tensors", "tensor_bytes", "bytes_by_class")
+        }
+        for cls, n in entry["bytes_by_class"].items():
+            totals[cls] = totals.get(cls, 0) + n
+    return {
+        "kind": MANIFEST_KIND,
+        "format_version": 1,
+        "tool": "kimi_trt",
+        "tool_version": kimi_trt.__version__,
+        "config_hash": cfg.config_hash,
+        "model_config_hash": cfg.model.config_hash(),
+        "world_size": cfg.world_size,
+        "mapping": cfg.mapping.to_trtllm_dict(),
+        "weight_formats": formats.model_dump(mode="json"),
+        "files": files,
+        "bytes_by_class": totals,
+        "requant_error": _merge_errors(entries, "stats", by_format),
+        "derived_error": _merge_errors(entries, "derived", None),
+        "source": source,
+    }
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    p = out / MANIFEST_NAME
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no manifest.json: the directory is not a complete conversion")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if data.get("kind") != MANIFEST_KIND:
+        raise CheckpointError(f"{p}: not a kimi_trt per-rank checkpoint manifest")
+    return data
+
+
+def _check_header(path: Path, cfg: RankCheckpointConfig, rank: int) -> None:
+    """The rank file's tensors must be exactly the table's: names, order-free, dtypes, shapes."""
+    specs = {t.name: t for t in rank_tensor_specs(cfg.model, cfg.mapping, cfg.formats, rank)}
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for name in sorted(names - set(specs))[:1]:
+            raise CheckpointError(f"{path}: unexpected tensor {name}")
+        for name in sorted(set(specs) - names)[:1]:
+            raise CheckpointError(f"{path}: missing tensor {name}")
+        for name, spec in specs.items():
+            sl = f.get_slice(name)
+            if sl.get_dtype() != DTYPE_TO_ST[spec.dtype] or tuple(sl.get_shape()) != spec.shape:
+                raise CheckpointError(
+                    f"{path}: tensor {name} is {sl.get_dtype()} {sl.get_shape()}, expected "
+                    f"{DTYPE_TO_ST[spec.dtype]} {list(spec.shape)}"
+                )
+
+
+def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
+    """Re-check a converted directory: manifest, config, every rank file's sha256 and header."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    cfg = read_rank_config(out)
+    if manifest["config_hash"] != cfg.config_hash:
+        raise CheckpointError(
+            f"{out / MANIFEST_NAME}: config_hash {manifest['config_hash']} does not match "
+            f"config.json's {cfg.config_hash}"
+        )
+    for name, info in manifest["files"].items():
+        path = out / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in manifest.json but missing")
+        if path.stat().st_size != info["bytes"]:
+            raise CheckpointError(
+                f"{path}: {path.stat().st_size} bytes, manifest.json says {info['bytes']}"
+            )
+        if sha256_file(path) != info["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match manifest.json (corrupted)")
+        if progress is not None:
+            progress(info["bytes"])
+    for rank in range(cfg.world_size):
+        if rank_file_name(rank) not in manifest["files"]:
+            raise CheckpointError(f"{out / MANIFEST_NAME}: no entry for {rank_file_name(rank)}")
+        _check_header(out / rank_file_name(rank), cfg, rank)
+    return manifest

@@ -1,0 +1,243 @@
+"""Lazy reader of a Hugging Face checkpoint, validated against its config before any weight.
+
+`HFCheckpoint.open` parses the index and every shard's safetensors header (a few KB per
+file) and checks them against `hf_layout.hf_tensors(cfg)`: shards present and not
+truncated, every expected tensor present with the right dtype and shape (FP8 scales
+included), unknown tensors reported. `check_scales` then reads only the small FP8 scale
+tensors and refuses NaN/Inf/non-positive values. Weights are read later, slice by slice,
+with `safe_open(...).get_slice` - never a whole shard, never the whole model.
+Every error is one line naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kimi_trt.config import ModelConfig
+from kimi_trt.convert.formats import Piece
+from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
+from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE
+from kimi_trt.convert.weight_table import consumed_sources, is_ignored
+from kimi_trt.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    file: str
+    dtype: str  # safetensors dtype string, e.g. F8_E4M3
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _listing(names: list[str]) -> str:
+    head = ", ".join(names[:_MAX_LISTED])
+    return head + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def read_header(path: Path) -> dict[str, SourceTensor]:
+    """Tensors of one safetensors file from its header; refuses truncated files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated: {size} bytes, no safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: truncated: header of {n} bytes but the file has {size} bytes"
+                )
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: shard file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    out: dict[str, SourceTensor] = {}
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {end} of the data section "
+                f"but the file holds {data_size} data bytes"
+            )
+        out[name] = SourceTensor(name, path.name, info["dtype"], tuple(info["shape"]), end - start)
+    return out
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: malformed index (no 'weight_map' object)") from None
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no {INDEX_NAME} and no *.safetensors files")
+    return {name: f for f in files for name in read_header(path / f)}
+
+
+class HFCheckpoint:
+    """A validated HF checkpoint: tensor table plus lazily opened, per-thread file handles."""
+
+    def __init__(self, path: Path, model: ModelConfig, tensors: dict[str, SourceTensor]):
+        self.path = path
+        self.model = model
+        self.tensors = tensors
+        self.block = model.weight_block_size
+        self._local = threading.local()
+
+    @classmethod
+    def open(cls, path: str | Path, model: ModelConfig) -> tuple[HFCheckpoint, list[str]]:
+        """Validate headers against `model`; returns the reader and the unknown tensor names."""
+        path = Path(path)
+        weight_map = _weight_map(path)
+        headers: dict[str, dict[str, SourceTensor]] = {}
+        for file in sorted(set(weight_map.values())):
+            fp = path / file
+            if not fp.exists():
+                listed = sorted(n for n, f in weight_map.items() if f == file)
+                raise CheckpointError(
+                    f"{fp}: shard listed in {INDEX_NAME} is missing from disk "
+                    f"(holds {len(listed)} tensors, e.g. {listed[0]})"
+                )
+            headers[file] = read_header(fp)
+        tensors: dict[str, SourceTensor] = {}
+        for name, file in weight_map.items():
+            if name not in headers[file]:
+                raise CheckpointError(
+                    f"{path / file}: tensor {name} is listed in {INDEX_NAME} but absent from the file"
+                )
+            tensors[name] = headers[file][name]
+        unknown = _check_expected(path, model, tensors)
+        return cls(path, model, tensors), unknown
+
+    # ---- reading ---------------------------------------------------------------------------
+    def _handle(self, file: str):
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        if file not in handles:
+            handles[file] = safe_open(str(self.path / file), framework="pt")
+        return handles[file]
+
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """A tensor or a [rows, cols] slice of it (only the slice's bytes are read)."""
+        info = self.tensors[name]
+        sl = self._handle(info.file).get_slice(name)
+        r = slice(*rows) if rows else slice(None)
+        if len(info.shape) == 1:
+            return sl[r]
+        c = slice(*cols) if cols else slice(None)
+        return sl[r, c]
+
+    def piece(
+        self, base: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> Piece:
+        """Slice of a linear weight `base` (+ its block scales in an FP8 checkpoint).
+
+        Slice bounds must be block multiples (or the dimension's end): guaranteed by the
+        layout check, asserted here with a clear error.
+        """
+        name = base + ".weight"
+        q = self.read(name, rows, cols)
+        if self.block is None:
+            return Piece(name, q)
+        srows = self._block_range(name, rows, 0)
+        scols = self._block_range(name, cols, 1)
+        scale = self.read(base + ".weight_scale_inv", srows, scols)
+        return Piece(name, q, scale, self.block)
+
+    def _block_range(
+        self, name: str, span: tuple[int, int] | None, dim: int
+    ) -> tuple[int, int] | None:
+        if span is None:
+            return None
+        b, full = self.block[dim], self.tensors[name].shape[dim]
+        start, end = span
+        if start % b or (end % b and end != full):
+            raise CheckpointError(
+                f"{name}: slice [{start}, {end}) of dim {dim} is not on {b}-element FP8 blocks"
+            )
+        return start // b, math.ceil(end / b)
+
+    def check_scales(self) -> None:
+        """Refuse NaN/Inf/non-positive block scales (reads only the scale tensors)."""
+        for name, info in self.tensors.items():
+            if not name.endswith(".weight_scale_inv") or is_ignored(name, self.model):
+                continue
+            s = self.read(name)
+            bad = ~torch.isfinite(s)
+            if bad.any():
+                raise CheckpointError(
+                    f"{self.path / info.file}: tensor {name} has {int(bad.sum())} NaN/Inf values"
+                )
+            if (s <= 0).any():
+                raise CheckpointError(
+                    f"{self.path / info.file}: tensor {name} has {int((s <= 0).sum())} "
+                    "non-positive scales"
+                )
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _check_expected(path: Path, model: ModelConfig, tensors: dict[str, SourceTensor]) -> list[str]:
+    """Raise on missing/mistyped/misshaped tensors; return unknown (not expected, not ignored)."""
+    expected = {t.name: t for t in hf_tensors(model)}
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        first = expected[missing[0]]
+        what = (
+            f" (the FP8 block scales of {first.name.removesuffix('_scale_inv')})"
+            if first.is_scale
+            else ""
+        )
+        raise CheckpointError(
+            f"{path}: {len(missing)} expected tensor(s) missing from the checkpoint: "
+            f"{_listing(missing)}{what}"
+        )
+    for name, want in expected.items():
+        weight = expected.get(name.removesuffix("_scale_inv")) if want.is_scale else None
+        _check_tensor(path, tensors[name], want, weight)
+    needed = consumed_sources(model)
+    return sorted(n for n in tensors if n not in needed and not is_ignored(n, model))
+
+
+def _check_tensor(path: Path, got: SourceTensor, want: HFTensor, weight: HFTensor | None) -> None:
+    where = path / got.file
+    want_dtype = DTYPE_TO_ST[want.dtype]
+    if got.dtype != want_dtype:
+        if got.dtype not in ST_TO_DTYPE:
+            raise CheckpointError(f"{where}: tensor {got.name} has unsupported dtype {got.dtype}")
+        raise CheckpointError(
+            f"{where}: tensor {got.name} has dtype {got.dtype}, expected {want_dtype}"
+        )
+    if got.shape != want.shape:
+        if weight is not None:
+            raise CheckpointError(
+                f"{where}: scale tensor {got.name} has shape {list(got.shape)}, expected "
+                f"{list(want.shape)} for its weight of shape {list(weight.shape)}"
+            )
+        raise CheckpointError(
+            f"{where}: tensor {got.name} has shape {list(got.shape)}, "
+            f"expected {list(want.shape)} from config.json"
+        )

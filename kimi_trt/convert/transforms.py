@@ -1,0 +1,168 @@
+"""The named transforms of the weight table, applied for one rank.
+
+Each transform reads the rank's slices of its HF sources (`HFCheckpoint.piece/read`),
+stores them in the target's format and yields the stored tensor in consecutive parts
+along dim 0 (a part is one source slice, one expert, one head or a block of vocab rows),
+so a rank file is written with at most one part in memory. `TRANSFORMS` maps the names
+used in `weight_table.Rule.transform` to these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kimi_trt.config import ModelConfig, WeightFormats
+from kimi_trt.convert.formats import ErrorStats, Piece, encode
+from kimi_trt.convert.reader import HFCheckpoint
+from kimi_trt.convert.weight_table import Rule, format_of, mla_dtype, vocab_size_padded
+from kimi_trt.mapping import Mapping
+
+Part = tuple[torch.Tensor, torch.Tensor | None]  # (stored weight slice, its scale slice)
+VOCAB_ROWS_PER_PART = 8192
+
+
+@dataclass
+class RankContext:
+    """What a transform needs to build one rank's tensors, plus the error accumulators."""
+
+    reader: HFCheckpoint
+    model: ModelConfig
+    mapping: Mapping
+    formats: WeightFormats
+    rank: int
+    stats: dict[str, ErrorStats] = field(default_factory=dict)  # by tensor class
+    derived: dict[str, ErrorStats] = field(default_factory=dict)  # by derived target
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return self.model.weight_block_size or (128, 128)
+
+    def span(self, n: int, ways: int, index: int) -> tuple[int, int]:
+        return index * n // ways, (index + 1) * n // ways
+
+    def attn_span(self, n: int) -> tuple[int, int]:
+        m = self.mapping
+        return self.span(n, m.attn_tp_size, m.attn_tp_rank(self.rank))
+
+    def moe_span(self, n: int) -> tuple[int, int]:
+        m = self.mapping
+        return self.span(n, m.moe_tp_size, m.moe_tp_rank(self.rank))
+
+    def encode(self, piece: Piece, rule: Rule) -> Part:
+        stats = self.stats.setdefault(rule.cls, ErrorStats())
+        return encode(piece, format_of(rule, self.formats), self.block, stats)
+
+
+def _base(rule_source: str, layer: int | None, expert: int | None = None) -> str:
+    name = rule_source.format(E=expert) if expert is not None else rule_source
+    return f"model.layers.{layer}.{name}" if layer is not None else name
+
+
+def _dim0_size(ctx: RankContext, base: str) -> int:
+    name = base if base in ctx.reader.tensors else base + ".weight"
+    return ctx.reader.tensors[name].shape[0]
+
+
+def _dim1_size(ctx: RankContext, base: str) -> int:
+    return ctx.reader.tensors[base + ".weight"].shape[1]
+
+
+def copy(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """Norms as-is; linear weights sliced by rows/cols over attention TP (or whole)."""
+    base = _base(rule.sources[0], layer)
+    if rule.kind == "norm":
+        yield ctx.reader.read(base).to(torch.bfloat16), None
+        return
+    rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
+    cols = ctx.attn_span(_dim1_size(ctx, base)) if rule.shard == "cols" else None
+    yield ctx.encode(ctx.reader.piece(base, rows, cols), rule)
+
+
+def concat_rows(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """Sources stacked on dim 0, each sliced first when the target is split by rows."""
+    for src in rule.sources:
+        base = _base(src, layer)
+        rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
+        yield ctx.encode(ctx.reader.piece(base, rows), rule)
+
+
+def to_fp32(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    yield ctx.reader.read(_base(rule.sources[0], layer)).to(torch.float32), None
+
+
+def _stack(a: Part, b: Part | None = None) -> Part:
+    """One expert's stored slice(s) as a [1, ...] part (scales stacked the same way)."""
+    w = a[0] if b is None else torch.cat([a[0], b[0]])
+    s = a[1] if b is None else (None if a[1] is None else torch.cat([a[1], b[1]]))
+    return w.unsqueeze(0), None if s is None else s.unsqueeze(0)
+
+
+def experts_up_gate(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """Per local expert: [up rows of this moe_tp rank ; gate rows of this moe_tp rank]."""
+    rows = ctx.moe_span(ctx.model.moe_intermediate_size)
+    for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
+        up, gate = (_base(s, layer, e) for s in rule.sources)
+        yield _stack(
+            ctx.encode(ctx.reader.piece(up, rows), rule),
+            ctx.encode(ctx.reader.piece(gate, rows), rule),
+        )
+
+
+def experts_down(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """Per local expert: the down_proj columns of this moe_tp rank."""
+    cols = ctx.moe_span(ctx.model.moe_intermediate_size)
+    for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
+        yield _stack(
+            ctx.encode(ctx.reader.piece(_base(rule.sources[0], layer, e), None, cols), rule)
+        )
+
+
+def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """fused_q_proj per local head: [Wk_nope^T @ Wq_nope ; Wq_pe], computed in float32."""
+    m = ctx.model
+    heads = m.num_attention_heads // ctx.mapping.attn_tp_size
+    q_base, kv_base = (_base(s, layer) for s in rule.sources)
+    wq = ctx.reader.piece(q_base, ctx.attn_span(m.num_attention_heads * m.qk_head_dim))
+    wkv = ctx.reader.piece(
+        kv_base, ctx.attn_span(m.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim))
+    )
+    wq = wq.dequantized().view(heads, m.qk_head_dim, m.q_lora_rank)
+    wkv = wkv.dequantized().view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+    dtype = mla_dtype(ctx.formats)
+    stats = ctx.derived.setdefault(rule.target, ErrorStats())
+    for n in range(heads):
+        q_nope, q_pe = wq[n, : m.qk_nope_head_dim], wq[n, m.qk_nope_head_dim :]
+        k_nope = wkv[n, : m.qk_nope_head_dim]
+        exact = torch.cat([k_nope.T @ q_nope, q_pe])  # [kl + rope, ql]
+        stored = exact.to(dtype)
+        stats.add(exact, stored)
+        yield stored, None
+
+
+def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """The rank's rows of the vocab padded to vocab_size_padded (zero rows past V)."""
+    src = rule.sources[0]
+    if rule.target == "lm_head.weight" and ctx.model.tie_word_embeddings:
+        src = "model.embed_tokens.weight"
+    v, h = ctx.model.vocab_size, ctx.model.hidden_size
+    start, end = ctx.attn_span(vocab_size_padded(ctx.model, ctx.mapping))
+    dtype = torch.float32 if ctx.formats.embeddings == "fp32" else torch.bfloat16
+    for lo in range(start, min(end, v), VOCAB_ROWS_PER_PART):
+        hi = min(lo + VOCAB_ROWS_PER_PART, end, v)
+        yield ctx.reader.read(src, (lo, hi)).to(dtype), None
+    if end > v:
+        yield torch.zeros(end - max(start, v), h, dtype=dtype), None
+
+
+TRANSFORMS: dict[str, Callable[[RankContext, Rule, int | None], Iterator[Part]]] = {
+    "copy": copy,
+    "concat_rows": concat_rows,
+    "to_fp32": to_fp32,
+    "experts_up_gate": experts_up_gate,
+    "experts_down": experts_down,
+    "absorb_q": absorb_q,
+    "pad_vocab": pad_vocab,
+}

@@ -1,0 +1,89 @@
+"""Write one rank file: walk the weight table in file order, stream each target's parts.
+
+The header comes from `rank_tensor_specs` (shapes alone), then every target is written
+part by part as its transform yields them, hashed on the fly by the streaming writer and
+renamed into place only when complete. A scale tensor follows its weight, so its (small)
+parts are kept until the weight is written. Write errors (disk full, file-size limit)
+become one-line `CheckpointError`s naming the file and tensor; the temp file is removed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kimi_trt.convert.rank_checkpoint import rank_file_name
+from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
+from kimi_trt.convert.transforms import TRANSFORMS, RankContext
+from kimi_trt.convert.weight_table import rank_tensor_specs, rule_instances, rule_targets
+from kimi_trt.errors import CheckpointError
+
+
+class Cancelled(Exception):
+    """Another rank failed; this one stops at the next part boundary."""
+
+
+def _parts(
+    gen: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+    scales: list[torch.Tensor],
+    advance: Callable[[int], None],
+    stop: threading.Event,
+) -> Iterator[torch.Tensor]:
+    for weight, scale in gen:
+        if stop.is_set():
+            raise Cancelled
+        if scale is not None:
+            scales.append(scale)
+        advance(weight.nbytes)
+        yield weight
+
+
+def write_rank(
+    ctx: RankContext,
+    out: Path,
+    metadata: dict[str, str],
+    advance: Callable[[int], None],
+    stop: threading.Event,
+) -> dict[str, Any]:
+    """Convert and write rank{ctx.rank}.safetensors; returns its resume-state entry."""
+    model, mapping, formats = ctx.model, ctx.mapping, ctx.formats
+    specs = rank_tensor_specs(model, mapping, formats, ctx.rank)
+    path = out / rank_file_name(ctx.rank)
+    current = specs[0].name
+    try:
+        writer = StreamingSafetensorsWriter(
+            path, [TensorSpec(t.name, t.dtype, t.shape) for t in specs], metadata
+        )
+        with writer:
+            for rule, layer in rule_instances(model):
+                targets = rule_targets(rule, model, mapping, formats, layer)
+                current = targets[0].name
+                scales: list[torch.Tensor] = []
+                gen = TRANSFORMS[rule.transform](ctx, rule, layer)
+                writer.write_parts(current, _parts(gen, scales, advance, stop))
+                if len(targets) > 1:
+                    current = targets[1].name
+                    writer.write_parts(current, scales)
+                    advance(targets[1].nbytes)
+            sha = writer.close()
+    except OSError as e:
+        raise CheckpointError(
+            f"{path}: cannot write ({e.strerror or e}) while writing tensor {current}"
+        ) from None
+    by_class: dict[str, int] = defaultdict(int)
+    for t in specs:
+        by_class[t.cls] += t.nbytes
+    return {
+        "sha256": sha,
+        "bytes": path.stat().st_size,
+        "tensors": len(specs),
+        "tensor_bytes": sum(t.nbytes for t in specs),
+        "bytes_by_class": dict(sorted(by_class.items())),
+        "stats": {k: v.state() for k, v in sorted(ctx.stats.items())},
+        "derived": {k: v.state() for k, v in sorted(ctx.derived.items())},
+    }
