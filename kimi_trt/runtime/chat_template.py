@@ -102,6 +102,8 @@ def plain_data(value: Any) -> Any:
 
 
 def _as_messages(messages: Sequence[Any]) -> list[dict]:
+    if not messages:
+        raise UserError("messages: at least one message is required")
     out = []
     for i, message in enumerate(messages):
         message = plain_data(message)
