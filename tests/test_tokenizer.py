@@ -24,7 +24,12 @@ from kimi_trt.runtime.bpe_trainer import (
 )
 from kimi_trt.runtime.chat_template import DEFAULT_CHAT_TEMPLATE
 from kimi_trt.runtime.kimi_format import KIMI_PAT_STR, TOOL_MARKERS
-from kimi_trt.runtime.tokenizer import SMALL_VOCAB_DIR, KimiTokenizer, read_tiktoken_ranks
+from kimi_trt.runtime.tokenizer import (
+    SMALL_VOCAB_DIR,
+    KimiTokenizer,
+    _split_long_runs,
+    read_tiktoken_ranks,
+)
 from tests.conftest import K2_CONFIG, REPO, cli_env
 
 # The ids Kimi-K2's tokenizer_config.json documents (../shared/reference/kimi-k2.md).
@@ -150,6 +155,9 @@ def test_skip_special_keeps_tool_markers(tok):
 
 def test_long_runs_are_split_but_round_trip(tok):
     text = " " * 60_000 + "x" * 30_000 + "\n"
+    pieces = list(_split_long_runs(text))
+    assert "".join(pieces) == text and len(pieces) == 4
+    assert all(len(run) <= 25_000 for p in pieces for run in regex.findall(r"\s+|\S+", p))
     assert tok.decode(tok.encode(text)) == text
 
 
@@ -208,7 +216,18 @@ def test_checkpoint_chat_template_is_used(tmp_path):
     config["chat_template"] = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = KimiTokenizer.from_dir(tmp_path)
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    hi = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(hi, tokenize=False) == "[hi]"
+    config["chat_template"] = [{"name": "default", "template": "<{{ messages[0].content }}>"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert KimiTokenizer.from_dir(tmp_path).apply_chat_template(hi, tokenize=False) == "<hi>"
+    (tmp_path / "chat_template.jinja").write_text("({{ messages[0].content }})")
+    assert KimiTokenizer.from_dir(tmp_path).apply_chat_template(hi, tokenize=False) == "(hi)"
+    config["chat_template"] = 5
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="chat_template must be a string"):
+        KimiTokenizer.from_dir(tmp_path)
 
 
 def test_trainer_is_deterministic_and_builds_by_merges():

@@ -23,6 +23,7 @@ import base64
 import binascii
 import codecs
 import json
+import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +46,7 @@ SMALL_VOCAB_DIR = Path(__file__).resolve().parent.parent / "assets" / "small-voc
 # whitespace or non-whitespace, so such runs are cut before encoding.
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(rf"\s{{{_MAX_RUN_CHARS + 1},}}|\S{{{_MAX_RUN_CHARS + 1},}}")
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -106,17 +108,28 @@ def _split_long_runs(text: str) -> Iterable[str]:
     """Cut `text` so no piece holds more than _MAX_RUN_CHARS consecutive (non-)whitespace chars."""
     for start in range(0, len(text), _MAX_ENCODE_CHARS):
         block = text[start : start + _MAX_ENCODE_CHARS]
-        piece_start, run, run_is_space = 0, 0, block[:1].isspace()
-        for i, ch in enumerate(block):
-            is_space = ch.isspace()
-            if is_space != run_is_space:
-                run, run_is_space = 1, is_space
-                continue
-            run += 1
-            if run > _MAX_RUN_CHARS:
-                yield block[piece_start:i]
-                piece_start, run = i, 1
-        yield block[piece_start:]
+        cut = 0
+        for run in _LONG_RUN.finditer(block):
+            for pos in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+                yield block[cut:pos]
+                cut = pos
+        yield block[cut:]
+
+
+def _chat_template(path: Path, config: dict) -> str | None:
+    """The checkpoint's template: chat_template.jinja (newer releases) or tokenizer_config.json's."""
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # transformers' named-templates form
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(
+            f"{path / 'tokenizer_config.json'}: chat_template must be a string or a list with a 'default' entry"
+        )
+    return template
 
 
 class KimiTokenizer:
@@ -152,7 +165,7 @@ class KimiTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> KimiTokenizer:
-        """Load `tiktoken.model` (+ optional `tokenizer_config.json`) from a checkpoint dir."""
+        """Load `tiktoken.model` (+ optional `tokenizer_config.json`, `chat_template.jinja`)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(
@@ -162,14 +175,11 @@ class KimiTokenizer:
         config_path = path / "tokenizer_config.json"
         config = _read_config(config_path)
         named, not_special = _named_specials(config, len(ranks), config_path)
-        template = config.get("chat_template")
-        if template is not None and not isinstance(template, str):
-            raise ConfigError(f"{config_path}: chat_template must be a string (one template)")
         return cls(
             ranks,
             named_specials=named,
             not_special=not_special if named else NON_SKIPPABLE_SPECIALS,
-            chat_template=template,
+            chat_template=_chat_template(path, config),
             name=str(path),
         )
 

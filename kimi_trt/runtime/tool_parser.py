@@ -26,6 +26,12 @@ of the stream or by another marker, or text between calls becomes content, and s
 markers are dropped; each case adds a line to `parser.warnings` (and logs it). Arguments
 that are not valid JSON stay as the model wrote them, with a warning.
 
+OpenAI streaming mapping: ToolCallStart -> `delta.tool_calls=[{"index", "id", "type":
+"function", "function": {"name", "arguments": ""}}]`; ToolCallArgumentsDelta ->
+`[{"index", "function": {"arguments": text}}]`; ContentDelta -> `delta.content`.
+Feed only the generated ids/text (stop tokens such as <|im_end|> removed); use one
+parser per choice, and either `feed` or `feed_ids` on it, not both.
+
 In text mode marker text is always a marker. In token mode only the markers' special ids
 are markers, so arguments that contain literal marker text parse correctly.
 `parse_tool_calls(text)` / `parse_tool_call_ids(ids, tok)` = feed everything + finish +
