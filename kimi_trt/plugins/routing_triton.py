@@ -1,0 +1,313 @@
+"""Triton kernel for noaux_tc routing (semantics: `kimi_trt.plugins.routing`).
+
+One program routes BLOCK_T tokens. The logits of a token are held as a [groups, group
+size] tile (padded to powers of two), so group scoring and expert selection are register
+reductions with no sort. Every candidate gets one int64 key,
+
+    key = (order-preserving int32 image of the float32 score c) << 32 | (1023 - expert id)
+
+so a single max-reduction returns the best score and, among equal scores, the lowest id:
+the module's tie-breaking rule holds by construction, ids are distinct and always in
+range (even for NaN scores), and excluded candidates are simply set to INT64_MIN.
+
+Two ways to run it:
+  * `route_triton`: JIT launch on CUDA tensors (the torch executor), or on CPU tensors
+    under the Triton interpreter (`TRITON_INTERPRET=1` set before this module is
+    imported), which is how CI proves it equal to the torch reference.
+  * `compile_ptx`: ahead-of-time compilation to PTX whose entry takes exactly
+    (logits, bias, num_tokens, ids, scales), the argument order TensorRT's AOT plugins
+    use (inputs, extra int32 scalars, outputs). Works without a GPU given a target
+    capability. Used by `trt_plugin`.
+
+Only torch and triton are imported (the GPU check runs this from a bare checkout).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from kimi_trt.plugins.routing import RouterParams, check_router_inputs
+
+# Excluded candidates' key: below every real key (whose low 32 bits are 1023 - id > 0).
+KEY_MIN: tl.constexpr = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _sigmoid(x, ACCURATE: tl.constexpr):
+    # IEEE division and libdevice's expf: the same arithmetic as torch's CUDA sigmoid.
+    # The interpreter has no libdevice, so it uses tl.exp (numpy's exp).
+    if ACCURATE:
+        e = libdevice.exp(-x)
+    else:
+        e = tl.exp(-x)
+    return tl.math.div_rn(1.0, 1.0 + e)
+
+
+@triton.jit
+def _score_key(c, idx):
+    """int64 key ordered by (c descending, idx ascending); see the module docstring."""
+    bits = c.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (1023 - idx).to(tl.int64)
+
+
+@triton.jit
+def _key_score(key):
+    """Inverse of `_score_key` for the float32 part."""
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _keep_best_groups(key, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
+    """Step 2: keep the TOPK_GROUP groups with the largest top-2 sums; mask the rest."""
+    first = tl.max(key, axis=2)
+    second = tl.max(tl.where(key == first[:, :, None], KEY_MIN, key), axis=2)
+    group_score = _key_score(first) + _key_score(second)
+    group = tl.arange(0, G_PAD)[None, :]
+    gkey = tl.where(group < N_GROUP, _score_key(group_score, group), KEY_MIN)
+    keep = gkey != gkey  # all False, [BLOCK_T, G_PAD]
+    for _ in tl.static_range(TOPK_GROUP):
+        best = tl.max(gkey, axis=1)
+        hit = gkey == best[:, None]
+        keep = keep | hit
+        gkey = tl.where(hit, KEY_MIN, gkey)
+    return tl.where(keep[:, :, None], key, KEY_MIN)
+
+
+@triton.jit
+def noaux_tc_router_kernel(
+    logits_ptr,
+    bias_ptr,
+    num_tokens,
+    ids_ptr,
+    scales_ptr,
+    NUM_EXPERTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCALE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GS_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    ACCURATE: tl.constexpr,
+):
+    GROUP_SIZE: tl.constexpr = NUM_EXPERTS // N_GROUP
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok3 = tok[:, None, None]
+    grp3 = tl.arange(0, G_PAD)[None, :, None]
+    col3 = tl.arange(0, GS_PAD)[None, None, :]
+    expert = grp3 * GROUP_SIZE + col3
+    real = (grp3 < N_GROUP) & (col3 < GROUP_SIZE)
+    row_base = tok3.to(tl.int64) * NUM_EXPERTS
+    x = tl.load(logits_ptr + row_base + expert, mask=(tok3 < num_tokens) & real, other=0.0)
+    s = _sigmoid(x.to(tl.float32), ACCURATE)
+    c = s + tl.load(bias_ptr + expert, mask=real, other=0.0)
+    key = tl.where(real, _score_key(c, expert), KEY_MIN)
+    if TOPK_GROUP < N_GROUP:
+        key = _keep_best_groups(key, N_GROUP, TOPK_GROUP, G_PAD)
+    key = tl.reshape(key, [BLOCK_T, G_PAD * GS_PAD])
+
+    slot = tl.arange(0, K_PAD)[None, :]
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    live = tok < num_tokens
+    row = tok.to(tl.int64) * NUM_EXPERTS
+    for k in tl.static_range(TOP_K):
+        best = tl.max(key, axis=1)
+        key = tl.where(key == best[:, None], KEY_MIN, key)
+        eid = 1023 - (best & 1023).to(tl.int32)
+        # Recompute s of the winner from its logit (same instructions, same bits):
+        # cheaper than a second reduction over the tile.
+        xw = tl.load(logits_ptr + row + eid, mask=live, other=0.0)
+        w = _sigmoid(xw.to(tl.float32), ACCURATE)
+        total += w
+        ids = tl.where(slot == k, eid[:, None], ids)
+        weights = tl.where(slot == k, w[:, None], weights)
+    if NORMALIZE:
+        weights = weights / (total + 1e-20)[:, None]  # routing.NORM_EPS
+    weights = weights * SCALE
+    out = tok[:, None].to(tl.int64) * TOP_K + slot
+    out_mask = live[:, None] & (slot < TOP_K)
+    tl.store(ids_ptr + out, ids, mask=out_mask)
+    tl.store(scales_ptr + out, weights, mask=out_mask)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tokens per program and warps per program (gpu_check times several)."""
+
+    block_t: int = 4
+    num_warps: int = 4
+
+
+DEFAULT_LAUNCH = LaunchConfig()
+
+
+def is_interpreted() -> bool:
+    """True when this module's kernel was built for the Triton interpreter."""
+    return not isinstance(noaux_tc_router_kernel, triton.runtime.jit.JITFunction)
+
+
+def kernel_constexprs(num_experts: int, params: RouterParams, block_t: int, accurate: bool) -> dict:
+    """Compile-time arguments shared by the JIT launch and the AOT compile."""
+    group_size = num_experts // params.n_group
+    return {
+        "NUM_EXPERTS": num_experts,
+        "TOP_K": params.top_k,
+        "N_GROUP": params.n_group,
+        "TOPK_GROUP": params.topk_group,
+        "SCALE": float(params.routed_scaling_factor),
+        "NORMALIZE": bool(params.norm_topk_prob),
+        "BLOCK_T": block_t,
+        "G_PAD": triton.next_power_of_2(params.n_group),
+        "GS_PAD": triton.next_power_of_2(group_size),
+        "K_PAD": triton.next_power_of_2(params.top_k),
+        "ACCURATE": accurate,
+    }
+
+
+def route_triton(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route with the Triton kernel: same contract as `routing.route_noaux_tc`."""
+    params = RouterParams(top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+    num_tokens, num_experts = check_router_inputs(logits, bias, **params.kwargs())
+    logits, bias = logits.contiguous(), bias.contiguous()
+    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
+    scales = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
+    if num_tokens == 0:
+        return ids, scales
+    grid = (triton.cdiv(num_tokens, launch.block_t),)
+    consts = kernel_constexprs(num_experts, params, launch.block_t, not is_interpreted())
+    noaux_tc_router_kernel[grid](
+        logits,
+        bias,
+        num_tokens,
+        ids,
+        scales,
+        **consts,
+        num_warps=launch.num_warps,
+        enable_fp_fusion=False,
+    )
+    return ids, scales
+
+
+# ----------------------------------------------------------------------------- AOT
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """A compiled kernel as TensorRT's AOT plugin interface wants it."""
+
+    name: str
+    ptx: str
+    block_x: int  # threads per block (num_warps * 32)
+    shared_mem: int
+    block_t: int  # tokens per block: grid = ceil(T / block_t)
+
+
+AOT_PARAMS = ("logits_ptr", "bias_ptr", "num_tokens", "ids_ptr", "scales_ptr")
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def compile_ptx(
+    logits_dtype: torch.dtype,
+    num_experts: int,
+    params: RouterParams,
+    *,
+    capability: int | None = None,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
+    ptx_version: int | None = None,
+) -> AotKernel:
+    """Compile the kernel to PTX for TensorRT (no GPU needed when `capability` is given).
+
+    capability: e.g. 90 for H100/H200, 100 for B200; None = the current GPU's.
+    ptx_version: PTX ISA of the output (None: 8.4 for Hopper, 8.7 for Blackwell). The
+    engine's host driver JIT-compiles the PTX and must know this ISA version, so the
+    default is older than what Triton would emit for its own bundled toolchain.
+    """
+    params.check(num_experts)
+    if is_interpreted():
+        raise RuntimeError("router: compile_ptx needs the compiled kernel; unset TRITON_INTERPRET")
+    if logits_dtype not in _TRITON_DTYPES:
+        raise ValueError(f"router: logits dtype {logits_dtype}, expected float32 or bfloat16")
+    consts = kernel_constexprs(num_experts, params, launch.block_t, accurate=True)
+    signature = {
+        "logits_ptr": f"*{_TRITON_DTYPES[logits_dtype]}",
+        "bias_ptr": "*fp32",
+        "num_tokens": "i32",
+        "ids_ptr": "*i32",
+        "scales_ptr": "*fp32",
+        **{name: "constexpr" for name in consts},
+    }
+    # TensorRT allocates device buffers 256-byte aligned: let loads/stores vectorise.
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4)}
+    src = triton.compiler.ASTSource(
+        fn=noaux_tc_router_kernel, signature=signature, constexprs=consts, attrs=aligned
+    )
+    if capability is None:
+        target = triton.runtime.driver.active.get_current_target()
+    else:
+        target = triton.backends.compiler.GPUTarget("cuda", capability, 32)
+    if ptx_version is None:
+        ptx_version = 87 if int(target.arch) >= 100 else 84
+    options = {"num_warps": launch.num_warps, "enable_fp_fusion": False, "ptx_version": ptx_version}
+    compiled = triton.compile(src, target=target, options=options)
+    meta = compiled.metadata
+    ptx = drop_unused_trailing_params(compiled.asm["ptx"], meta.name, len(AOT_PARAMS))
+    if meta.global_scratch_size or getattr(meta, "profile_scratch_size", 0):
+        raise RuntimeError(f"router: kernel {meta.name} needs Triton scratch memory (unsupported)")
+    return AotKernel(meta.name, ptx, meta.num_warps * 32, meta.shared, launch.block_t)
+
+
+_ENTRY = re.compile(r"(\.entry\s+(?P<name>\w+)\s*\()(?P<params>[^)]*)(\))", re.S)
+
+
+def drop_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
+    """Cut a PTX entry's parameter list to its first `keep` parameters.
+
+    Triton >= 3.3 appends scratch-memory pointers to every kernel; TensorRT's AOT
+    launcher passes only (inputs, extra args, outputs), and a kernel declaring more
+    parameters than it is given would read past the launcher's argument array. The cut
+    is refused unless the dropped parameters are never referenced in the body.
+    """
+    match = _ENTRY.search(ptx)
+    if match is None or match.group("name") != name:
+        raise RuntimeError(f"router: no .entry {name} in the compiled PTX")
+    params = [p.strip() for p in match.group("params").split(",") if p.strip()]
+    if len(params) < keep:
+        raise RuntimeError(f"router: PTX entry {name} has {len(params)} params, expected {keep}")
+    body = ptx[match.end() :]
+    for dropped in params[keep:]:
+        pname = dropped.split()[-1]
+        if re.search(rf"\b{re.escape(pname)}\b", body):
+            raise RuntimeError(f"router: PTX parameter {pname} is used; cannot drop it")
+    new_params = ",\n\t".join(params[:keep])
+    return ptx[: match.start("params")] + "\n\t" + new_params + "\n" + ptx[match.end("params") :]
+
+
+def ptx_entry_params(ptx: str) -> list[str]:
+    """The declared parameters of the (single) PTX entry, e.g. '.param .u32 k_param_2'."""
+    match = _ENTRY.search(ptx)
+    if match is None:
+        raise RuntimeError("router: no .entry in PTX")
+    return [p.strip() for p in match.group("params").split(",") if p.strip()]

@@ -1,0 +1,113 @@
+"""The Triton routing kernel (run by the Triton interpreter on CPU) against the reference.
+
+TRITON_INTERPRET must be set before the kernel module is imported (triton.jit decides
+at decoration time); the module is reloaded if something imported it earlier without
+the variable. Ids must match the torch reference exactly and weights within 1e-6,
+including on adversarial inputs. (AOT compilation needs the compiled kernel, so it is
+tested in test_routing_aot.py, in a process without the interpreter.)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kimi_trt.plugins import routing_triton as _rt  # noqa: E402
+from kimi_trt.plugins.routing import RouterParams, route_noaux_tc  # noqa: E402
+from kimi_trt.testing.routing_spec import spec_route_ids  # noqa: E402
+
+rt = _rt if _rt.is_interpreted() else importlib.reload(_rt)
+SCALE = 2.827
+
+
+def _check_equal(logits, bias, params: RouterParams, launch=rt.DEFAULT_LAUNCH):
+    want_ids, want_w = route_noaux_tc(logits, bias, **params.kwargs())
+    ids, w = rt.route_triton(logits, bias, **params.kwargs(), launch=launch)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert ids.shape == w.shape == want_ids.shape
+    assert torch.equal(ids, want_ids), (ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=0, atol=1e-6)
+    return ids, w
+
+
+def test_kernel_is_interpreted():
+    assert rt.is_interpreted()
+
+
+SHAPES = [
+    # (E, k, n_group, topk_group, T, dtype)
+    (384, 8, 1, 1, 19, torch.float32),  # Kimi-K2
+    (384, 8, 1, 1, 9, torch.bfloat16),
+    (256, 8, 8, 4, 13, torch.bfloat16),  # DeepSeek-V3
+    (256, 8, 8, 4, 1, torch.float32),
+    (384, 8, 8, 4, 6, torch.float32),  # group size 48: padded to 64
+    (512, 16, 4, 2, 5, torch.float32),  # the limits
+    (64, 2, 8, 4, 7, torch.float32),
+    (8, 1, 1, 1, 3, torch.float32),
+    (96, 3, 3, 2, 4, torch.bfloat16),  # non-power-of-two groups
+    (384, 8, 1, 1, 0, torch.float32),  # T = 0
+]
+
+
+@pytest.mark.parametrize("e,k,g,tg,t,dtype", SHAPES)
+def test_kernel_matches_reference(e, k, g, tg, t, dtype):
+    gen = torch.Generator().manual_seed(e + 31 * k + t)
+    logits = (torch.randn(t, e, generator=gen) * 2.5).to(dtype)
+    bias = torch.randn(e, generator=gen) * 0.05
+    for norm in (True, False):
+        _check_equal(logits, bias, RouterParams(k, g, tg, SCALE, norm))
+
+
+@pytest.mark.parametrize(
+    "launch", [rt.LaunchConfig(1, 1), rt.LaunchConfig(2, 1), rt.LaunchConfig(8, 4)]
+)
+def test_launch_configs_agree(launch):
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(11, 256, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(256, generator=gen) * 0.05
+    _check_equal(logits, bias, RouterParams(8, 8, 4, SCALE, True), launch)
+
+
+def _adversarial(e: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    inf_mix = torch.randn(4, e, generator=gen)
+    inf_mix[:, ::5] = float("-inf")
+    inf_mix[:, 3::11] = float("inf")
+    large = torch.randn(4, e, generator=gen) * 1e4  # s is exactly 0 or 1: mass ties
+    groups_tie = torch.arange(e // 8, dtype=torch.float32).repeat(3, 8)
+    return {
+        "all-equal": (torch.zeros(3, e), torch.zeros(e)),
+        "repeated": (torch.tensor([0.0, 1.0, 1.0, 0.5] * (e // 4)).repeat(3, 1), torch.zeros(e)),
+        "inf": (inf_mix, torch.zeros(e)),
+        "large": (large, torch.zeros(e)),
+        "bias-swamps": (torch.randn(3, e, generator=gen), torch.full((e,), 1e8)),
+        "bias-decides": (torch.randn(3, e, generator=gen), torch.randn(e, generator=gen) * 50),
+        "groups-tie": (groups_tie, torch.zeros(e)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # exp(1e4) = inf: intended
+@pytest.mark.parametrize("case", sorted(_adversarial(64)))
+def test_adversarial_inputs(case):
+    for e, (g, tg, k) in ((64, (8, 4, 8)), (384, (1, 1, 8)), (256, (8, 2, 5))):
+        logits, bias = _adversarial(e)[case]
+        params = RouterParams(k, g, tg, SCALE, True)
+        ids, w = _check_equal(logits, bias, params)
+        assert ids.tolist() == spec_route_ids(logits, bias, top_k=k, n_group=g, topk_group=tg)
+        assert torch.isfinite(w).all()
+        _check_equal(logits.to(torch.bfloat16), bias, params)
+
+
+def test_nan_logits_still_give_distinct_in_range_ids():
+    logits = torch.randn(4, 256)
+    logits[0] = float("nan")
+    logits[1, ::2] = float("nan")
+    ids, _ = rt.route_triton(logits, torch.zeros(256), **RouterParams(8, 8, 4, 1.0, True).kwargs())
+    for row in ids.tolist():
+        assert len(set(row)) == 8 and all(0 <= i < 256 for i in row)
