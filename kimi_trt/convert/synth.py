@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
 from kimi_trt.errors import ConfigError
 
-REFERENCE_CONFIG = (
-    Path(__file__).resolve().parent.parent / "assets" / "kimi-k2-instruct.config.json"
-)
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+REFERENCE_CONFIG = ASSETS / "kimi-k2-instruct.config.json"
+# The packaged 1024 + 256 vocabulary; copied into checkpoints whose vocab_size matches it.
+SMALL_VOCAB_DIR = ASSETS / "small-vocab"
 
 _TINY: dict[str, Any] = {
     "hidden_size": 256,
@@ -160,6 +162,16 @@ def shard_plan(cfg: ModelConfig) -> list[list[HFTensor]]:
     return files
 
 
+def _copy_matching_tokenizer(cfg: ModelConfig, out: Path) -> None:
+    """Give the checkpoint tokenizer files when the small vocabulary fits its vocab_size, so
+    text prompts and chat work on synthetic models as on the real one."""
+    base = sum(1 for line in (SMALL_VOCAB_DIR / "tiktoken.model").read_text().splitlines() if line)
+    if cfg.vocab_size != base + 256 or cfg.bos_token_id != base:
+        return
+    for f in SMALL_VOCAB_DIR.iterdir():
+        shutil.copyfile(f, out / f.name)
+
+
 def write_synthetic_checkpoint(
     cfg: ModelConfig, out: str | Path, seed: int = 0, progress: bool = True
 ) -> dict[str, int]:
@@ -183,4 +195,5 @@ def write_synthetic_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    _copy_matching_tokenizer(cfg, out)
     return {"tensors": len(weight_map), "bytes": total, "files": n}
