@@ -7,8 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint
+# Without a GPU, Triton kernels run in the Triton interpreter, which must be chosen before
+# anything imports triton (transformers' DeepseekV3 does), so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 K2_CONFIG = REPO / "kimi_trt" / "assets" / "kimi-k2-instruct.config.json"

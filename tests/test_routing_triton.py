@@ -1,43 +1,42 @@
-"""The Triton routing kernel (run by the Triton interpreter on CPU) against the reference.
+"""The Triton routing kernel against the torch reference.
 
-TRITON_INTERPRET must be set before the kernel module is imported (triton.jit decides
-at decoration time); the module is reloaded if something imported it earlier without
-the variable. Ids must match the torch reference exactly and weights within 1e-6,
-including on adversarial inputs. (AOT compilation needs the compiled kernel, so it is
-tested in test_routing_aot.py, in a process without the interpreter.)
+Without a GPU the kernel runs in the Triton interpreter on CPU tensors: tests/conftest.py
+sets TRITON_INTERPRET before anything imports triton (it decides at import time). With a
+GPU the same tests run the compiled kernel on CUDA tensors. Ids must match the reference
+exactly and weights within 1e-6, including on adversarial inputs. (AOT compilation is in
+test_routing_aot.py.)
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+from kimi_trt.plugins import routing_triton as rt
+from kimi_trt.plugins.routing import RouterParams, route_noaux_tc
+from kimi_trt.testing.routing_spec import spec_route_ids
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kimi_trt.plugins import routing_triton as _rt  # noqa: E402
-from kimi_trt.plugins.routing import RouterParams, route_noaux_tc  # noqa: E402
-from kimi_trt.testing.routing_spec import spec_route_ids  # noqa: E402
-
-rt = _rt if _rt.is_interpreted() else importlib.reload(_rt)
+if rt.is_interpreted():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    raise RuntimeError(
+        "triton was imported before TRITON_INTERPRET=1 was set and there is no GPU: "
+        "run these tests through pytest (tests/conftest.py sets it)"
+    )
 SCALE = 2.827
 
 
 def _check_equal(logits, bias, params: RouterParams, launch=rt.DEFAULT_LAUNCH):
+    logits, bias = logits.to(DEVICE), bias.to(DEVICE)
     want_ids, want_w = route_noaux_tc(logits, bias, **params.kwargs())
     ids, w = rt.route_triton(logits, bias, **params.kwargs(), launch=launch)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert ids.shape == w.shape == want_ids.shape
     assert torch.equal(ids, want_ids), (ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=0, atol=1e-6)
-    return ids, w
-
-
-def test_kernel_is_interpreted():
-    assert rt.is_interpreted()
+    return ids.cpu(), w.cpu()
 
 
 SHAPES = [
@@ -108,6 +107,7 @@ def test_nan_logits_still_give_distinct_in_range_ids():
     logits = torch.randn(4, 256)
     logits[0] = float("nan")
     logits[1, ::2] = float("nan")
-    ids, _ = rt.route_triton(logits, torch.zeros(256), **RouterParams(8, 8, 4, 1.0, True).kwargs())
-    for row in ids.tolist():
+    bias = torch.zeros(256, device=DEVICE)
+    ids, _ = rt.route_triton(logits.to(DEVICE), bias, **RouterParams(8, 8, 4, 1.0, True).kwargs())
+    for row in ids.cpu().tolist():
         assert len(set(row)) == 8 and all(0 <= i < 256 for i in row)
