@@ -156,7 +156,10 @@ def describe(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint
+    from kimi_trt.engine_dir import describe_engine_dir, is_engine_dir
 
+    if is_engine_dir(path):
+        return describe_engine_dir(path)
     if is_rank_checkpoint(path):
         return describe_rank_checkpoint(path)
     if (path / "model.safetensors.index.json").exists() or list(path.glob("model*.safetensors")):

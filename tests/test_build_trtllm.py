@@ -1,0 +1,155 @@
+"""The TensorRT-LLM side of the build that runs without TensorRT-LLM: format/layout support
+rules, the checkpoint -> network weight adaptation, engine-build settings, shipped configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kimi_trt.config import load_build_config, load_model_config
+from kimi_trt.convert.converter import convert_checkpoint
+from kimi_trt.errors import CheckpointError
+from kimi_trt.plan import make_plan
+from kimi_trt.trtllm.compile import (
+    build_settings,
+    missing_capability,
+    rank_assignment,
+    trtllm_build_command,
+    trtllm_pretrained_dict,
+)
+from kimi_trt.trtllm.support import support_notes, support_problems
+from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights, k_b_proj_trans, kv_b_trtllm
+from tests.conftest import K2_CONFIG, REPO
+
+GPU_CONFIGS = ["b200_ep8", "h200_ep8", "h200_tp16_2node", "h100_ep16_2node"]
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_shipped_gpu_configs_are_supported_and_fit(name):
+    build = load_build_config(REPO / "build_configs" / f"{name}.yaml")
+    assert build.backend == "trtllm" and support_problems(build) == []
+    plan = make_plan(build, load_model_config(K2_CONFIG))
+    assert plan.fits, plan.reason
+    assert str(build.checkpoint).startswith(str(REPO))  # relative paths resolve from the YAML
+
+
+def test_blackwell_mla_is_flagged_not_refused():
+    build = load_build_config(REPO / "build_configs" / "b200_ep8.yaml")
+    assert any("sm100" in n for n in support_notes(build))
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"gpu": "cpu"}, ["needs a GPU"]),
+        ({"weights": {"attention": "fp8_block"}}, ["weights.attention", "gpt_attention"]),
+        ({"weights": {"experts": "fp8_block"}}, ["weights.experts", "MixtureOfExperts"]),
+        ({"parallelism": {"tp": 8, "ep": 8, "attention_dp": True}}, ["attention_dp"]),
+        ({"kv_cache_dtype": "fp8"}, ["kv_cache_dtype"]),
+    ],
+)
+def test_trtllm_support_rules(change, words):
+    base = load_build_config(REPO / "build_configs" / "h200_ep8.yaml")
+    raw = base.model_dump()
+    for key, value in change.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    problems = support_problems(type(base).model_validate(raw))
+    assert len(problems) == 1 and all(w in problems[0] for w in words), problems
+
+
+def _kv_b(d: MlaDims) -> torch.Tensor:
+    return torch.randn(d.heads * (d.nope + d.v), d.kv_lora)
+
+
+def test_kv_b_reorder_and_k_b_proj_trans():
+    d = MlaDims(heads=3, nope=4, v=5, kv_lora=6)
+    w = _kv_b(d)
+    per_head = w.view(3, 9, 6)
+    out = kv_b_trtllm(w, d)
+    assert out.shape == (3 * 9, 6)
+    for n in range(3):
+        assert torch.equal(out[n * 4 : (n + 1) * 4], per_head[n, :4])  # k_nope block
+        assert torch.equal(out[12 + n * 5 : 12 + (n + 1) * 5], per_head[n, 4:])  # v block
+    kt = k_b_proj_trans(w, d).view(3, 6, 4)
+    for n in range(3):
+        assert torch.equal(kt[n], per_head[n, :4].T)
+    with pytest.raises(CheckpointError, match="kv_b_proj"):
+        kv_b_trtllm(w[:-1], d)
+
+
+def test_adapt_rank_weights_on_a_converted_rank(tiny_ckpt, tmp_path):
+    """Real converter output (int8_wo experts, bf16 rest) -> the names/layouts the network declares."""
+    fmts = {"attention": "bf16", "dense_mlp": "bf16", "experts": "int8_wo"}
+    from kimi_trt.config import Parallelism, WeightFormats
+
+    convert_checkpoint(
+        tiny_ckpt, tmp_path, Parallelism(tp=2, ep=2), WeightFormats(**fmts), progress=False
+    )
+    w = load_file(tmp_path / "rank1.safetensors")
+    cfg = load_model_config(tiny_ckpt)
+    d = MlaDims(
+        cfg.num_attention_heads // 2, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    )
+    layer = f"transformer.layers.{cfg.first_k_dense_replace}."
+    fc = layer + "mlp.fc.weight"
+    e_local, two_i, h = w[fc].shape
+    required = {
+        layer + "attention.kv_b_proj": (d.heads * (d.nope + d.v), d.kv_lora),
+        layer + "attention.k_b_proj_trans": (d.heads * d.kv_lora, d.nope),
+        fc: (e_local, h, two_i),
+        layer + "mlp.fc.per_channel_scale": (e_local, two_i),
+    }
+    out = adapt_rank_weights(w, required, d, torch.bfloat16, preprocess_int8=lambda q: q)
+    assert torch.equal(out[fc], w[fc].transpose(1, 2))
+    assert out[layer + "mlp.fc.per_channel_scale"].dtype == torch.bfloat16
+    assert layer + "attention.q_b_proj" in out and layer + "attention.q_b_proj.weight" not in out
+    assert torch.equal(
+        out[layer + "attention.kv_b_proj"], kv_b_trtllm(w[layer + "attention.kv_b_proj.weight"], d)
+    )
+    with pytest.raises(CheckpointError, match="does not provide"):
+        adapt_rank_weights(w, {**required, "lm_head.extra": (1,)}, d, torch.bfloat16, lambda q: q)
+    with pytest.raises(CheckpointError, match="preprocessing"):
+        adapt_rank_weights(w, required, d, torch.bfloat16, None)
+
+
+def test_engine_build_settings_and_command(tmp_path):
+    build = load_build_config(REPO / "build_configs" / "b200_ep8.yaml")
+    s = build_settings(build)
+    assert s["build_config"]["max_seq_len"] == build.limits.max_seq_len
+    assert s["plugins"]["moe_plugin"] == "bfloat16"
+    cmd = trtllm_build_command(tmp_path / "ckpt", tmp_path / "eng", build)
+    assert cmd[0] == "trtllm-build" and "KimiK2ForCausalLM" in cmd
+    assert cmd[cmd.index("--model_cls_file") + 1].endswith("kimi_trt/trtllm/model.py")
+
+
+def test_pretrained_dict_drops_informational_quant_and_extra_mapping_keys():
+    raw = {
+        "architecture": "KimiK2ForCausalLM",
+        "quantization": {"quant_algo": "MIXED_PRECISION"},
+        "mapping": {"world_size": 8, "tp_size": 8, "pp_size": 1, "moe_tp_size": 1,
+                    "moe_ep_size": 8, "attn_tp_size": 8, "enable_attention_dp": False},
+        "kimi_trt": {"weight_formats": {}},
+    }  # fmt: skip
+    out = trtllm_pretrained_dict(raw)
+    assert out["quantization"]["quant_algo"] is None
+    assert set(out["mapping"]) == {"world_size", "tp_size", "pp_size", "moe_tp_size", "moe_ep_size"}
+    assert (
+        out["kimi_trt"] is raw["kimi_trt"]
+        and raw["quantization"]["quant_algo"] == "MIXED_PRECISION"
+    )
+
+
+def test_rank_assignment():
+    assert rank_assignment(16, 8) == {r: r % 8 for r in range(16)}
+    assert rank_assignment(4, 8, mpi_rank=1, mpi_size=2) == {1: 1, 3: 1}
+    with pytest.raises(ValueError):
+        rank_assignment(2, 0)
+
+
+def test_missing_capability_names_what_is_missing():
+    reason = missing_capability()
+    try:
+        import tensorrt_llm  # noqa: F401
+    except ImportError:
+        assert reason == "tensorrt_llm is not installed"
