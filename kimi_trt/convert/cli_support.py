@@ -17,10 +17,11 @@ def parse_parallelism(
     """--tp/--ep/--moe-tp with the missing one derived (ep * moe_tp must equal tp)."""
     if ep is None and moe_tp is None:
         ep, moe_tp = tp, 1
-    elif ep is None:
-        ep = tp // moe_tp if moe_tp and tp % moe_tp == 0 else 0
-    elif moe_tp is None:
-        moe_tp = tp // ep if ep and tp % ep == 0 else 0
+    elif ep is None or moe_tp is None:
+        given, flag = (moe_tp, "--moe-tp") if ep is None else (ep, "--ep")
+        if given < 1 or tp % given:
+            raise ConfigError(f"{flag} {given} must divide --tp {tp}: ep x moe_tp must equal tp")
+        ep, moe_tp = (tp // given, given) if ep is None else (given, tp // given)
     try:
         return Parallelism(tp=tp, ep=ep, moe_tp=moe_tp, attention_dp=attention_dp)
     except ValidationError as e:
