@@ -172,10 +172,11 @@ class BuildContext:
         return Mapping.from_parallelism(self.build.parallelism)
 
 
-def _source_fingerprint(ckpt: Path) -> list[tuple[str, int]]:
-    """Names and sizes of the checkpoint's weight files: cheap, and changes with the weights."""
+def _source_fingerprint(ckpt: Path) -> list[tuple[str, int, int]]:
+    """Name, size and mtime of each weight file: cheap (no 1 TB read), and any rewrite of
+    the checkpoint changes it, so the conversion is redone rather than trusted."""
     files = sorted(ckpt.glob("*.safetensors")) + sorted(ckpt.glob("*.index.json"))
-    return [(p.name, p.stat().st_size) for p in files]
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def _tokenizer_sources(ctx: BuildContext) -> list[Path]:
