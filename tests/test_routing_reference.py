@@ -15,7 +15,12 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from kimi_trt.plugins.routing import RouterParams, check_router_params, route, route_noaux_tc
-from kimi_trt.testing.routing_spec import float32_choice_scores, kept_groups, spec_route_ids
+from kimi_trt.testing.routing_spec import (
+    adversarial_cases,
+    float32_choice_scores,
+    kept_groups,
+    spec_route_ids,
+)
 
 SCALE = 2.827
 
@@ -92,30 +97,10 @@ def test_order_and_ids_follow_the_spec(e, k, g, tg):
     assert ids.tolist() == spec_route_ids(logits, bias, top_k=k, n_group=g, topk_group=tg)
 
 
-def _tie_cases():
-    e = 64
-    equal = torch.zeros(3, e)  # every expert ties: ids 0..k-1
-    repeated = torch.tensor([0.0, 1.0, 1.0, 0.5] * (e // 4)).repeat(2, 1)
-    saturated = torch.full((2, e), 30.0)  # sigmoid == 1.0 exactly in float32
-    saturated[1, ::3] = float("inf")
-    mixed_inf = torch.randn(2, e)
-    mixed_inf[:, ::5] = float("-inf")
-    mixed_inf[:, 7::9] = float("inf")
-    return {
-        "all-equal": (equal, torch.zeros(e)),
-        "repeated-values": (repeated, torch.zeros(e)),
-        "saturated-and-inf": (saturated, torch.zeros(e)),
-        "mixed-inf": (mixed_inf, torch.zeros(e)),
-        "bias-swamps-scores": (torch.randn(3, e), torch.full((e,), 1e8)),
-        "bias-decides": (torch.randn(3, e), torch.arange(e, dtype=torch.float32).flip(0) * 10),
-        "equal-groups": (torch.arange(e // 8, dtype=torch.float32).repeat(3, 8), torch.zeros(e)),
-    }
-
-
-@pytest.mark.parametrize("case", sorted(_tie_cases()))
+@pytest.mark.parametrize("case", sorted(adversarial_cases(64)))
 @pytest.mark.parametrize("g,tg,k", [(1, 1, 8), (8, 4, 8), (8, 2, 2)])
 def test_ties_go_to_the_lowest_id(case, g, tg, k):
-    logits, bias = _tie_cases()[case]
+    logits, bias = adversarial_cases(64)[case]
     ids, w = route_noaux_tc(logits, bias, **RouterParams(k, g, tg, SCALE, True).kwargs())
     assert ids.tolist() == spec_route_ids(logits, bias, top_k=k, n_group=g, topk_group=tg)
     assert torch.isfinite(w).all()

@@ -14,7 +14,7 @@ import torch
 
 from kimi_trt.plugins import routing_triton as rt
 from kimi_trt.plugins.routing import RouterParams, route_noaux_tc
-from kimi_trt.testing.routing_spec import spec_route_ids
+from kimi_trt.testing.routing_spec import adversarial_cases, spec_route_ids
 
 if rt.is_interpreted():
     DEVICE = "cpu"
@@ -73,29 +73,11 @@ def test_launch_configs_agree(launch):
     _check_equal(logits, bias, RouterParams(8, 8, 4, SCALE, True), launch)
 
 
-def _adversarial(e: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(5)
-    inf_mix = torch.randn(4, e, generator=gen)
-    inf_mix[:, ::5] = float("-inf")
-    inf_mix[:, 3::11] = float("inf")
-    large = torch.randn(4, e, generator=gen) * 1e4  # s is exactly 0 or 1: mass ties
-    groups_tie = torch.arange(e // 8, dtype=torch.float32).repeat(3, 8)
-    return {
-        "all-equal": (torch.zeros(3, e), torch.zeros(e)),
-        "repeated": (torch.tensor([0.0, 1.0, 1.0, 0.5] * (e // 4)).repeat(3, 1), torch.zeros(e)),
-        "inf": (inf_mix, torch.zeros(e)),
-        "large": (large, torch.zeros(e)),
-        "bias-swamps": (torch.randn(3, e, generator=gen), torch.full((e,), 1e8)),
-        "bias-decides": (torch.randn(3, e, generator=gen), torch.randn(e, generator=gen) * 50),
-        "groups-tie": (groups_tie, torch.zeros(e)),
-    }
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # exp(1e4) = inf: intended
-@pytest.mark.parametrize("case", sorted(_adversarial(64)))
+@pytest.mark.parametrize("case", sorted(adversarial_cases(64)))
 def test_adversarial_inputs(case):
     for e, (g, tg, k) in ((64, (8, 4, 8)), (384, (1, 1, 8)), (256, (8, 2, 5))):
-        logits, bias = _adversarial(e)[case]
+        logits, bias = adversarial_cases(e)[case]
         params = RouterParams(k, g, tg, SCALE, True)
         ids, w = _check_equal(logits, bias, params)
         assert ids.tolist() == spec_route_ids(logits, bias, top_k=k, n_group=g, topk_group=tg)

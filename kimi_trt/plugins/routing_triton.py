@@ -82,7 +82,7 @@ def _keep_best_groups(key, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PA
     return tl.where(keep[:, :, None], key, KEY_MIN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every T, as in the AOT PTX
 def noaux_tc_router_kernel(
     logits_ptr,
     bias_ptr,

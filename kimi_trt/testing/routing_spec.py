@@ -41,3 +41,32 @@ def spec_route_ids(
         candidates = [e for e in range(len(row)) if e // size in keep]
         result.append(sorted(candidates, key=lambda e: (-row[e], e))[:top_k])
     return result
+
+
+def adversarial_cases(
+    num_experts: int, seed: int = 5
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Named (logits, bias) pairs that stress ties, saturation, infinities and the bias.
+
+    num_experts must be a multiple of 8 (the group-tie case spans 8 groups).
+    """
+    e = num_experts
+    gen = torch.Generator().manual_seed(seed)
+    inf_mix = torch.randn(4, e, generator=gen)
+    inf_mix[:, ::5] = float("-inf")
+    inf_mix[:, 3::11] = float("inf")
+    saturated = torch.full((2, e), 30.0)  # sigmoid(30) == 1.0 exactly in float32
+    saturated[1, ::3] = float("inf")
+    return {
+        "all-equal": (torch.zeros(3, e), torch.zeros(e)),
+        "repeated-values": (
+            torch.tensor([0.0, 1.0, 1.0, 0.5] * (e // 4)).repeat(3, 1),
+            torch.zeros(e),
+        ),
+        "saturated": (saturated, torch.zeros(e)),
+        "inf-mix": (inf_mix, torch.zeros(e)),
+        "large-logits": (torch.randn(4, e, generator=gen) * 1e4, torch.zeros(e)),  # s in {0, 1}
+        "bias-swamps-scores": (torch.randn(3, e, generator=gen), torch.full((e,), 1e8)),
+        "bias-decides": (torch.randn(3, e, generator=gen), torch.randn(e, generator=gen) * 50),
+        "groups-tie": (torch.arange(e // 8, dtype=torch.float32).repeat(3, 8), torch.zeros(e)),
+    }
