@@ -116,13 +116,14 @@ class KimiK2MoE(SharedMoE):
     def forward(self, hidden_states, lora_layer_params=None):
         logits = self.router(cast(hidden_states, "float32"))
         bias = self.e_score_correction_bias.value
-        ids, scales = add_noaux_tc_router(
+        # hidden_states are [T, H] (remove_input_padding), so logits are [T, E] as the plugin needs.
+        ids, scales, layer = add_noaux_tc_router(
             default_trtnet(), logits.trt_tensor, bias.trt_tensor, self.router_params
         )
         routed = self.forward_experts(
             hidden_states,
-            _create_tensor(ids, None),
-            _create_tensor(scales, None),
+            _create_tensor(ids, layer),
+            _create_tensor(scales, layer),
             lora_layer_params,
             SideStreamIDType.disable,
         )
