@@ -72,6 +72,8 @@ def build_settings(build: BuildConfig) -> dict[str, Any]:
             "moe_plugin": "bfloat16",
             "remove_input_padding": True,
             "tokens_per_block": TOKENS_PER_BLOCK,
+            # As examples/models/contrib/deepseek_v2/README.md builds MLA engines.
+            "use_paged_context_fmha": True,
         },
     }
 
@@ -91,7 +93,7 @@ def trtllm_build_command(ckpt: Path, out: Path, build: BuildConfig) -> list[str]
         cmd += [f"--{key}", str(s["build_config"][key])]
     for key in ("gpt_attention_plugin", "gemm_plugin", "moe_plugin", "tokens_per_block"):
         cmd += [f"--{key}", str(s["plugins"][key])]
-    return cmd
+    return cmd + ["--use_paged_context_fmha", "enable"]
 
 
 def rank_assignment(world: int, gpus: int, mpi_rank: int = 0, mpi_size: int = 1) -> dict[int, int]:

@@ -94,8 +94,8 @@ def support_notes(build: BuildConfig) -> list[str]:
     """Things that are allowed but unconfirmed upstream (logged, not refused)."""
     if build.backend == "trtllm" and build.gpu in BLACKWELL:
         return [
-            "TensorRT-LLM documents the gpt_attention plugin's MLA kernels for Hopper (sm90); "
-            f"their support on {build.gpu} (sm100) in the engine workflow is unconfirmed - "
-            "run tests/gpu/test_engine.py on the target before a full build"
+            "TensorRT-LLM's DeepSeek-V2 engine example states its MLA kernel supports Hopper "
+            f"(sm90) only; {build.gpu} (sm100) in the engine workflow is unconfirmed - run "
+            "tests/gpu/test_engine.py on the target first, or use backend: torch"
         ]
     return []
