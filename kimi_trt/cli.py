@@ -118,7 +118,9 @@ def inspect(path: Path, as_json: bool) -> None:
 )
 @click.option("--verify", is_flag=True, help="Re-hash every output file against the manifest.")
 @click.option("--strict", is_flag=True, help="Unknown source tensors are an error, not a warning.")
-@click.option("--jobs", type=int, help="Ranks converted in parallel [default: min(world, CPUs, 4)].")
+@click.option(
+    "--jobs", type=int, help="Ranks converted in parallel [default: min(world, CPUs, 4)]."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar; summary only.")
 def convert(
     checkpoint, out, tp, ep, moe_tp, attention_dp, formats, verify, strict, jobs, quiet
@@ -193,6 +195,63 @@ def build(config_path: Path, stop_after: str | None) -> None:
 
     result = run_build(config_path, stop_after, log=lambda s: click.echo(s, err=True))
     click.echo(result.summary())
+
+
+@main.command()
+@click.option(
+    "--engine-dir", type=click.Path(path_type=Path), required=True, help="Engine dir to run."
+)
+@click.option("--prompt", help="Raw text prompt (needs a tokenizer).")
+@click.option("--chat", help="One user message, rendered with the chat template.")
+@click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option(
+    "--input-file",
+    type=click.Path(path_type=Path),
+    help='JSON lines: {"prompt"|"chat"|"messages"|"prompt_ids": ...} per line.',
+)
+@click.option(
+    "--tokenizer-dir",
+    type=click.Path(path_type=Path),
+    help="Directory with tiktoken.model [default: the engine dir].",
+)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--temperature", type=float, default=0.0, show_default=True, help="0 = greedy decoding."
+)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k cut.")
+@click.option("--seed", type=int, help="Sampling seed (reproducible sampling).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
+def run(
+    engine_dir: Path,
+    prompt: str | None,
+    chat: str | None,
+    prompt_ids: str | None,
+    input_file: Path | None,
+    tokenizer_dir: Path | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    as_json: bool,
+) -> None:
+    """Generate from an engine dir. Multi-rank: `mpirun -np N kimi-trt run ...`.
+
+    \b
+    One process per rank (Open MPI, MPICH, Slurm srun, or a single process); rank 0
+    reads the prompts and prints. Stops at eos / <|im_end|> or --max-new-tokens.
+    With --json each prompt gives one line:
+      {"prompt_tokens": [...], "tokens": [...], "text": "...", "finish_reason": "..."}
+    """
+    from kimi_trt.runtime.run_cli import PromptSource, run_command
+    from kimi_trt.runtime.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    )
+    src = PromptSource(prompt, chat, prompt_ids, input_file)
+    sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""`load_engine(dir) -> Engine`: the runtime's public entry point (CLI, serving, build checks).
+
+The backend is chosen by what the directory holds: `rank{N}.engine` files -> TensorRT-LLM
+(trtllm_backend.py, GPU hosts with tensorrt_llm only); a per-rank checkpoint (config.json
+with a `kimi_trt` object, in the dir or its `checkpoint/` subdir) -> the torch executor.
+
+Multi-rank protocol: every rank calls `load_engine`. Rank 0 then drives - `generate`,
+`score`, finally `shutdown` - and the other ranks call `worker_loop()`, which executes
+the commands rank 0 broadcasts (allocate cache, run a step) until shutdown. Requests are
+validated on rank 0 before anything is broadcast, so a bad request raises a UserError
+there and leaves the workers waiting for the next command.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint, read_rank_config
+from kimi_trt.errors import ConfigError, UserError
+from kimi_trt.runtime.comm import Comm
+from kimi_trt.runtime.executor import StepPlan, TorchExecutor
+from kimi_trt.runtime.failure import SharedError
+from kimi_trt.runtime.generate import GenerationLoop, GenerationResult, OnToken, make_requests
+from kimi_trt.runtime.launch import (
+    RankInfo,
+    bind_device,
+    check_world_size,
+    detect_rank_info,
+    init_process_groups,
+)
+from kimi_trt.runtime.sampling import SamplingParams
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+
+
+@dataclass
+class _Runtime:
+    info: RankInfo
+    device: torch.device
+    comm: Comm
+
+
+_RUNTIME: _Runtime | None = None
+
+
+def init_runtime() -> _Runtime:
+    """This process's rank, device and process groups (created once per process)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        info = detect_rank_info()
+        device = bind_device(info)
+        groups = init_process_groups(info, device)
+        _RUNTIME = _Runtime(info, device, Comm(info, groups, device))
+    return _RUNTIME
+
+
+def find_checkpoint_dir(engine_dir: Path) -> Path | None:
+    """The per-rank checkpoint inside an engine dir: the dir itself or `checkpoint/`."""
+    for d in (engine_dir, engine_dir / "checkpoint"):
+        if is_rank_checkpoint(d):
+            return d
+    return None
+
+
+def read_limits(engine_dir: Path, model_max_positions: int) -> Limits:
+    """Limits from config.json `build_config` (written by `kimi-trt build`), else defaults."""
+    raw: dict = {}
+    cfg_file = engine_dir / "config.json"
+    if cfg_file.is_file():
+        try:
+            raw = json.loads(cfg_file.read_text()).get("build_config") or {}
+        except (json.JSONDecodeError, AttributeError):
+            raw = {}
+    max_seq = int(raw.get("max_seq_len") or min(model_max_positions, DEFAULT_MAX_SEQ_LEN))
+    return Limits(
+        max_batch_size=int(raw.get("max_batch_size") or DEFAULT_MAX_BATCH),
+        max_input_len=int(raw.get("max_input_len") or max_seq - 1),
+        max_seq_len=max_seq,
+    )
+
+
+def override_limits(limits: Limits, max_batch_size: int | None, max_seq_len: int | None) -> Limits:
+    """The caller's limits where given (max_input_len stays below max_seq_len)."""
+    batch = max_batch_size or limits.max_batch_size
+    seq = max_seq_len or limits.max_seq_len
+    if batch < 1 or seq < 2:
+        raise ConfigError(f"max_batch_size ({batch}) must be >= 1 and max_seq_len ({seq}) >= 2")
+    return Limits(batch, min(limits.max_input_len, seq - 1), seq)
+
+
+def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None):
+    """`tokenizer_dir`'s KimiTokenizer, else the engine dir's (or its tokenizer/), else None."""
+    from kimi_trt.runtime.tokenizer import KimiTokenizer
+
+    if tokenizer_dir is not None:
+        return KimiTokenizer.from_dir(tokenizer_dir)
+    for d in (engine_dir, engine_dir / "tokenizer"):
+        if (d / "tiktoken.model").is_file():
+            return KimiTokenizer.from_dir(d)
+    return None
+
+
+def load_engine(
+    engine_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_batch_size: int | None = None,
+    max_seq_len: int | None = None,
+    progress: bool = False,
+):
+    """Open an engine dir on this rank (every rank of the job calls this).
+
+    dtype: compute dtype (default float32 on CPU, bfloat16 on GPU). max_batch_size /
+    max_seq_len override the engine dir's limits (slots and cache length per generate).
+    """
+    path = Path(engine_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: engine dir not found")
+    if any(path.glob("rank*.engine")):
+        from kimi_trt.runtime.trtllm_backend import load_trtllm_engine
+
+        return load_trtllm_engine(path)
+    ckpt = find_checkpoint_dir(path)
+    if ckpt is None:
+        raise ConfigError(
+            f"{path}: neither rank{{N}}.engine files nor a per-rank checkpoint "
+            "(config.json with a 'kimi_trt' object; made by `kimi-trt convert` or `kimi-trt build`)"
+        )
+    rt = init_runtime()
+    try:
+        cfg = read_rank_config(ckpt)
+        check_world_size(rt.info, cfg.world_size, str(path))
+        limits = read_limits(path, cfg.model.max_position_embeddings)
+        limits = override_limits(limits, max_batch_size, max_seq_len)
+        tokenizer = load_tokenizer(path, Path(tokenizer_dir) if tokenizer_dir else None)
+    except UserError as e:  # identical on every rank: reported once, by rank 0
+        raise SharedError(str(e)) from None
+    if dtype is None:
+        dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    executor = TorchExecutor(cfg, rt.comm, dtype, limits.max_seq_len, progress=progress)
+    rt.comm.barrier()  # ranks load at different speeds; wait without the collective timeout
+    return Engine(rt, executor, limits, tokenizer)
+
+
+class Engine:
+    """A loaded model on this rank. Rank 0: generate/score/shutdown; others: worker_loop."""
+
+    def __init__(self, rt: _Runtime, executor: TorchExecutor, limits: Limits, tokenizer):
+        self._rt = rt
+        self._executor = executor
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.model_config = executor.model
+        self.backend = "torch"
+
+    # ---- properties the serving / build code relies on -------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rt.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._rt.info.world_size
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def max_input_len(self) -> int:
+        return self.limits.max_input_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.limits.max_seq_len
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.limits.max_batch_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Default stop ids: config eos, plus the tokenizer's (<|im_end|>) when present."""
+        ids = list(self.model_config.eos_token_ids)
+        for t in getattr(self.tokenizer, "eos_token_ids", ()) or ():
+            if t not in ids:
+                ids.append(t)
+        return tuple(ids)
+
+    # ---- driver API (rank 0) ---------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        on_token: OnToken | None = None,
+    ) -> list[GenerationResult]:
+        """Continue each prompt. `on_token(i, token)` streams; returning False cancels request i."""
+        self._require_driver("generate")
+        plist = self._params_list(prompts, params)
+        self.validate_prompts(prompts, plist)
+        if not prompts:
+            return []
+        requests = make_requests(prompts, plist, self.eos_token_ids, self.max_seq_len)
+        n_slots = min(len(prompts), self.max_batch_size)
+        self._command(("cache", n_slots, max(r.max_len for r in requests)))
+        GenerationLoop(self._step, self._executor.owner, n_slots, on_token).run(requests)
+        return [r.result for r in requests]
+
+    def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Float32 logits [len(prompt), vocab] for every position of each prompt (one prefill)."""
+        self._require_driver("score")
+        self.validate_prompts(prompts, [SamplingParams(max_new_tokens=0)] * len(prompts))
+        out: list[torch.Tensor] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = prompts[start : start + self.max_batch_size]
+            self._command(("cache", len(chunk), max(len(p) for p in chunk)))
+            plan = StepPlan("prefill", list(range(len(chunk))), chunk, [0] * len(chunk), True)
+            logits = self._step(plan)
+            offsets = [0]
+            for p in chunk:
+                offsets.append(offsets[-1] + len(p))
+            out += [logits[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+        return out
+
+    def shutdown(self) -> None:
+        """Release the workers from worker_loop (rank 0; a no-op on one rank)."""
+        if self.is_driver and self.world_size > 1:
+            self._rt.comm.broadcast_object(("shutdown",), control=True)
+        self._executor.release_cache()
+
+    # ---- worker API (ranks > 0) ------------------------------------------------------
+    def worker_loop(self) -> None:
+        """Follow rank 0's commands until it calls shutdown()."""
+        if self.is_driver:
+            raise RuntimeError("worker_loop() is for ranks > 0; rank 0 calls generate()")
+        while True:
+            cmd = self._rt.comm.broadcast_object(None, control=True)
+            if cmd[0] == "shutdown":
+                self._executor.release_cache()
+                return
+            self._execute(cmd)
+
+    # ---- internals -------------------------------------------------------------------
+    def _execute(self, cmd: tuple):
+        if cmd[0] == "cache":
+            return self._executor.ensure_cache(cmd[1], cmd[2])
+        if cmd[0] == "step":
+            return self._executor.step(cmd[1])
+        raise RuntimeError(f"unknown runtime command {cmd[0]!r}")
+
+    def _command(self, cmd: tuple):
+        """Broadcast a command from rank 0 and run it here too."""
+        if self.world_size > 1:
+            self._rt.comm.broadcast_object(cmd, control=True)
+        return self._execute(cmd)
+
+    def _step(self, plan: StepPlan) -> torch.Tensor:
+        return self._command(("step", plan)).cpu()
+
+    def _require_driver(self, what: str) -> None:
+        if not self.is_driver:
+            raise RuntimeError(f"{what}() runs on rank 0; rank {self.rank} calls worker_loop()")
+
+    @staticmethod
+    def _params_list(prompts, params) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        return list(params)
+
+    def validate_prompts(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Raise UserError (before anything is broadcast) for prompts the engine cannot run."""
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            if len(p) == 0:
+                raise UserError(f"prompt {i} is empty")
+            if len(p) > self.max_input_len:
+                raise UserError(
+                    f"prompt {i} has {len(p)} tokens; this engine accepts at most {self.max_input_len}"
+                )
+            bad = [t for t in p if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            if bad:
+                raise UserError(
+                    f"prompt {i}: token id {bad[0]!r} outside the vocabulary 0..{self.vocab_size - 1}"
+                )
+            if len(p) >= self.max_seq_len and sp.max_new_tokens > 0:
+                raise UserError(
+                    f"prompt {i} leaves no room to generate (max_seq_len {self.max_seq_len})"
+                )

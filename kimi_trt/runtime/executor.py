@@ -1,0 +1,293 @@
+"""The torch executor: runs one rank's share of Kimi-K2 from its per-rank checkpoint file.
+
+All ranks execute the same `StepPlan` (broadcast by rank 0) in lockstep. What a rank
+computes, and which collective joins the shares, follows the checkpoint's Mapping:
+
+* attention TP (attn_tp = tp): every rank sees every sequence, holds hl = h/tp heads;
+  `dense`, the dense MLP, and MoE (routed experts + shared expert) outputs are partial
+  sums -> one all-reduce each. Embedding and lm_head are vocab shards: lookups
+  all-reduce, logits all-gather along the vocab.
+* attention DP: rank r owns the sequences in slots s with s % world == r and runs whole
+  attention, dense MLP and shared expert on them alone; for routed experts (still split
+  over EP x moe_tp) the tokens of all ranks are gathered, each rank adds its experts'
+  share, and the sum is scattered back to the owners. Logits are gathered by rows.
+
+Attention caches only the MLA latent per token and layer: c (kv_lora_rank values, after
+kv_a_layernorm) and the rotated k_pe (qk_rope_head_dim), never per-head K/V. Prefill
+uses the unabsorbed projections (q_b_proj, kv_b_proj); decode uses the absorbed ones
+(fused_q_proj for q, kv_b_proj's v rows after attention), as the TensorRT-LLM kernels do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kimi_trt.convert.rank_checkpoint import RankCheckpointConfig
+from kimi_trt.plugins.routing import route
+from kimi_trt.runtime import layers as L
+from kimi_trt.runtime.comm import Comm
+from kimi_trt.runtime.weights import load_rank_weights
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One forward step for a set of cache slots (the same object on every rank).
+
+    prefill: `tokens[i]` is a whole prompt starting at position 0 of slot `slots[i]`.
+    decode: `tokens[i]` is one token at position `starts[i]` (the slot's current length).
+    Logits come back for the last token of each entry, or every token if `all_logits`.
+    """
+
+    kind: str  # "prefill" | "decode"
+    slots: list[int]
+    tokens: list[list[int]]
+    starts: list[int]
+    all_logits: bool = False
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attn: L.AttentionWeights
+    kind: str  # "dense" | "moe"
+    mlp: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """This rank's share of a plan, packed token-major."""
+
+    entries: list[int]  # indices into the plan
+    tokens: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    token_slots: torch.Tensor  # [N] local cache slot of each token
+    seq_lens: list[int]
+    entry_slots: torch.Tensor  # [n] local cache slot of each entry
+
+
+class TorchExecutor:
+    """One rank's weights, latent KV cache and forward step."""
+
+    def __init__(
+        self,
+        cfg: RankCheckpointConfig,
+        comm: Comm,
+        dtype: torch.dtype,
+        max_seq_len: int,
+        progress: bool = False,
+    ):
+        self.cfg = cfg
+        self.model = cfg.model
+        self.mapping = cfg.mapping
+        self.comm = comm
+        self.rank = comm.rank
+        self.device = comm.device
+        self.dtype = dtype
+        self.dp = cfg.mapping.attention_dp and comm.world_size > 1
+        w = load_rank_weights(cfg, self.rank, dtype, self.device, progress=progress)
+        self.layers = [self._layer(w, i) for i in range(self.model.num_hidden_layers)]
+        self.embed = w["transformer.vocab_embedding.weight"]
+        self.ln_f = w["transformer.ln_f.weight"]
+        self.lm_head = w["lm_head.weight"]
+        m = self.model
+        self.dims = L.MlaDims(
+            heads=m.num_attention_heads // cfg.mapping.attn_tp_size,
+            q_lora=m.q_lora_rank,
+            kv_lora=m.kv_lora_rank,
+            nope=m.qk_nope_head_dim,
+            rope=m.qk_rope_head_dim,
+            v=m.v_head_dim,
+            scale=m.softmax_scale,
+            eps=m.rms_norm_eps,
+        )
+        self.rope = L.Rope(
+            m.rope_inv_freq(), m.rope_attention_factor, max_seq_len, dtype, self.device
+        )
+        self.first_expert = self.mapping.experts_of(self.rank, m.n_routed_experts).start
+        self.cache: torch.Tensor | None = None  # [layers, local slots, max_len, kl + rope]
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"transformer.layers.{i}."
+        attn = L.AttentionWeights(
+            fused_a=w[p + "attention.fused_a.weight"],
+            q_a_norm=w[p + "attention.q_a_layernorm.weight"],
+            kv_a_norm=w[p + "attention.kv_a_layernorm.weight"],
+            q_b=w[p + "attention.q_b_proj.weight"],
+            kv_b=w[p + "attention.kv_b_proj.weight"],
+            fused_q=w[p + "attention.fused_q_proj"],
+            dense=w[p + "attention.dense.weight"],
+        )
+        kind = self.model.layer_kinds[i]
+        names = ("fc", "gate", "proj") if kind == "dense" else ("fc", "proj")
+        mlp = {n: w[f"{p}mlp.{n}.weight"] for n in names}
+        if kind == "moe":
+            mlp["router"] = w[p + "mlp.router.weight"]
+            mlp["bias"] = w[p + "mlp.e_score_correction_bias"]
+            if self.model.n_shared_experts:
+                mlp["shared_fc"] = w[p + "mlp.shared_expert.fc.weight"]
+                mlp["shared_proj"] = w[p + "mlp.shared_expert.proj.weight"]
+        return LayerWeights(
+            w[p + "input_layernorm.weight"], w[p + "post_layernorm.weight"], attn, kind, mlp
+        )
+
+    # ---- cache and ownership ---------------------------------------------------------
+    def owner(self, slot: int) -> int | None:
+        """The rank that runs attention for `slot` (None: every rank, attention TP)."""
+        return slot % self.comm.world_size if self.dp else None
+
+    def _local_slot(self, slot: int) -> int:
+        return slot // self.comm.world_size if self.dp else slot
+
+    def ensure_cache(self, n_slots: int, max_len: int) -> None:
+        """Allocate (or grow) the latent cache for `n_slots` global slots of `max_len` tokens."""
+        local = -(-n_slots // self.comm.world_size) if self.dp else n_slots
+        width = self.dims.kv_lora + self.dims.rope
+        shape = (self.model.num_hidden_layers, local, max_len, width)
+        if self.cache is not None and all(
+            a >= b for a, b in zip(self.cache.shape, shape, strict=True)
+        ):
+            return
+        if self.cache is not None:
+            shape = tuple(max(a, b) for a, b in zip(self.cache.shape, shape, strict=True))
+        self.cache = None
+        self.cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def release_cache(self) -> None:
+        self.cache = None
+
+    # ---- the step --------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run `plan`; rank 0 gets float32 logits [rows, vocab_size] in plan order."""
+        batch = self._pack(plan)
+        counts = self._token_counts(plan)
+        x = self._embed(batch.tokens)
+        for i, layer in enumerate(self.layers):
+            h = L.rms_norm(x, layer.input_norm, self.dims.eps)
+            x = x + self._attention(i, layer, h, batch, plan.kind)
+            h = L.rms_norm(x, layer.post_norm, self.dims.eps)
+            x = x + self._ffn(layer, h, counts)
+        if not plan.all_logits:
+            last = torch.tensor(batch.seq_lens, dtype=torch.int64, device=self.device).cumsum(0) - 1
+            x = x[last]
+        x = L.rms_norm(x, self.ln_f, self.dims.eps)
+        return self._logits(x, plan)
+
+    def _entries_of(self, plan: StepPlan, rank: int | None) -> list[int]:
+        return [
+            i for i, s in enumerate(plan.slots) if rank is None or self.owner(s) in (None, rank)
+        ]
+
+    def _pack(self, plan: StepPlan) -> _Batch:
+        entries = self._entries_of(plan, self.rank)
+        tokens, positions, token_slots, lens = [], [], [], []
+        for i in entries:
+            n = len(plan.tokens[i])
+            tokens += plan.tokens[i]
+            positions += range(plan.starts[i], plan.starts[i] + n)
+            token_slots += [self._local_slot(plan.slots[i])] * n
+            lens.append(n)
+        dev = self.device
+        return _Batch(
+            entries=entries,
+            tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            token_slots=torch.tensor(token_slots, dtype=torch.int64, device=dev),
+            seq_lens=lens,
+            entry_slots=torch.tensor(
+                [self._local_slot(plan.slots[i]) for i in entries], dtype=torch.int64, device=dev
+            ),
+        )
+
+    def _token_counts(self, plan: StepPlan) -> list[int]:
+        """Tokens each rank holds in this step (attention DP only; all ranks compute the same)."""
+        if not self.dp:
+            return []
+        return [
+            sum(len(plan.tokens[i]) for i in self._entries_of(plan, r))
+            for r in range(self.comm.world_size)
+        ]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.mapping.attn_tp_size
+        if t == 1 or self.dp:
+            return self.embed[tokens]
+        rows = self.embed.shape[0]
+        local = tokens - self.mapping.attn_tp_rank(self.rank) * rows
+        inside = (local >= 0) & (local < rows)
+        x = self.embed[local.clamp(0, rows - 1)] * inside[:, None].to(self.dtype)
+        return self.comm.all_reduce(x)
+
+    def _attention(
+        self, li: int, layer: LayerWeights, h: torch.Tensor, b: _Batch, kind: str
+    ) -> torch.Tensor:
+        d = self.dims
+        if h.shape[0] == 0:
+            return torch.zeros_like(h)
+        cq, latent = L.mla_latent(h, layer.attn, d, self.rope, b.positions)
+        cache = self.cache[li]
+        cache[b.token_slots, b.positions] = latent
+        if kind == "prefill":
+            o = L.mla_prefill(cq, latent, layer.attn, d, self.rope, b.positions, b.seq_lens)
+        else:
+            length = int(b.positions.max()) + 1
+            ctx = cache[b.entry_slots, :length]
+            o = L.mla_decode(cq, ctx, b.positions + 1, layer.attn, d, self.rope, b.positions)
+        out = o @ layer.attn.dense.T
+        if not self.dp and self.mapping.attn_tp_size > 1:
+            self.comm.all_reduce(out)
+        return out
+
+    def _route(self, x: torch.Tensor, mlp: dict[str, torch.Tensor]):
+        m = self.model
+        logits = x.to(torch.float32) @ mlp["router"].T
+        return route(
+            logits,
+            mlp["bias"],
+            top_k=m.num_experts_per_tok,
+            n_group=m.n_group,
+            topk_group=m.topk_group,
+            routed_scaling_factor=m.routed_scaling_factor,
+            norm_topk_prob=m.norm_topk_prob,
+        )
+
+    def _ffn(self, layer: LayerWeights, h: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        mlp = layer.mlp
+        if layer.kind == "dense":
+            out = L.dense_mlp(h, mlp["fc"], mlp["gate"], mlp["proj"])
+            return out if self.dp else self.comm.all_reduce(out)
+        shared = L.swiglu(h, mlp["shared_fc"], mlp["shared_proj"]) if "shared_fc" in mlp else 0
+        if not self.dp:
+            ids, weights = self._route(h, mlp)
+            out = L.routed_experts(h, ids, weights, mlp["fc"], mlp["proj"], self.first_expert)
+            return self.comm.all_reduce(out + shared)
+        everyone = self.comm.all_gather_rows(h, counts)
+        ids, weights = self._route(everyone, mlp)
+        routed = L.routed_experts(everyone, ids, weights, mlp["fc"], mlp["proj"], self.first_expert)
+        return self.comm.reduce_scatter_rows(routed, counts) + shared
+
+    def _logits(self, x: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+        local = (x @ self.lm_head.T).to(torch.float32)
+        if not self.dp:
+            full = self.comm.all_gather(local, dim=-1)
+        else:
+            full = self._gather_dp_rows(local, plan)
+        return full[:, : self.model.vocab_size] if self.rank == 0 else None
+
+    def _gather_dp_rows(self, local: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Rows of all ranks (grouped by rank), put back into plan order."""
+        world = self.comm.world_size
+        per_entry = [len(t) if plan.all_logits else 1 for t in plan.tokens]
+        by_rank = [self._entries_of(plan, r) for r in range(world)]
+        counts = [sum(per_entry[i] for i in entries) for entries in by_rank]
+        gathered = self.comm.all_gather_rows(local, counts)
+        starts, offset = {}, 0
+        for entries in by_rank:
+            for i in entries:
+                starts[i] = offset
+                offset += per_entry[i]
+        order = [starts[i] + j for i in range(len(plan.slots)) for j in range(per_entry[i])]
+        return gathered[torch.tensor(order, dtype=torch.int64, device=self.device)]

@@ -1,0 +1,138 @@
+"""Process launch: who am I (rank, world, local rank), which device, and the process group.
+
+`kimi-trt run` is started once per rank by a launcher - Open MPI's or MPICH's `mpirun`,
+Slurm's `srun` - or as a single process. The launcher tells each process its place
+through environment variables; we read the first complete set found, in a fixed order,
+so one code path serves every launcher. Multi-node is just more ranks: MASTER_ADDR must
+then name the node of rank 0 (see README "Multi-node").
+
+The process group (torch.distributed, gloo on CPU, NCCL on GPU) is created with env://
+rendezvous. Two groups are kept: the default group for the per-layer collectives, with a
+short timeout so a hung peer turns into an error instead of a hang, and a control group
+with a long timeout for the broadcast on which idle workers wait for the next request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping as EnvMapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from kimi_trt.errors import ConfigError
+
+# (rank, world size, local rank, local size) variable names per launcher, most specific first.
+_LAUNCHER_VARS: tuple[tuple[str, str, str, str, str], ...] = (
+    (
+        "Open MPI",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    ("MPICH/PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+)
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29517
+# Per-layer collectives: peers run the same work, so a long wait means a hung peer.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("KIMI_TRT_COLLECTIVE_TIMEOUT", "30"))
+# Workers idle in a broadcast until rank 0 has a request: effectively no limit.
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in the job, as the launcher described it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    launcher: str = "single process"
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 reads inputs, samples and prints; the others follow it."""
+        return self.rank == 0
+
+
+def _int_var(env: EnvMapping[str, str], name: str, default: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    head = raw.split("(")[0].split(",")[0]  # SLURM_NTASKS_PER_NODE may read "4(x2)"
+    try:
+        return int(head)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def detect_rank_info(env: EnvMapping[str, str] | None = None) -> RankInfo:
+    """Rank, world and local rank from the first launcher whose variables are all present."""
+    env = os.environ if env is None else env
+    for launcher, rank_v, size_v, local_v, local_size_v in _LAUNCHER_VARS:
+        rank = _int_var(env, rank_v)
+        size = _int_var(env, size_v)
+        if rank is None or size is None:
+            continue
+        local = _int_var(env, local_v, default=rank)
+        local_size = _int_var(env, local_size_v, default=size)
+        if not 0 <= rank < size:
+            raise ConfigError(f"{launcher}: {rank_v}={rank} is outside 0..{size - 1}")
+        return RankInfo(rank, size, local, local_size, launcher)
+    return RankInfo()
+
+
+def bind_device(info: RankInfo) -> torch.device:
+    """One GPU per local rank when CUDA is present (local_rank modulo the visible GPUs), else CPU."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        index = info.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def check_world_size(info: RankInfo, expected: int, engine_dir: str) -> None:
+    """The job must have exactly as many ranks as the engine dir has rank files."""
+    if info.world_size != expected:
+        hint = f"mpirun -np {expected} kimi-trt run ..." if expected > 1 else "kimi-trt run ..."
+        raise ConfigError(
+            f"{engine_dir}: built for world size {expected} but this job has "
+            f"{info.world_size} process(es) ({info.launcher}); run it as `{hint}`"
+        )
+
+
+@dataclass
+class ProcessGroups:
+    """The default group (short timeout) and the control group (long timeout)."""
+
+    default: object | None
+    control: object | None
+    backend: str
+
+
+def init_process_groups(info: RankInfo, device: torch.device) -> ProcessGroups:
+    """env:// rendezvous on MASTER_ADDR:MASTER_PORT (defaults: 127.0.0.1:29517)."""
+    import torch.distributed as dist
+
+    if info.world_size == 1:
+        return ProcessGroups(None, None, "none")
+    os.environ.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
+    os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        **kwargs,
+    )
+    # Control messages are small host-side objects: always gloo, so NCCL jobs can idle too.
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    return ProcessGroups(dist.group.WORLD, control, backend)

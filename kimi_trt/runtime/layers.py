@@ -1,0 +1,193 @@
+"""The per-layer math of Kimi-K2 on one rank's shard, written against the per-rank tensors.
+
+Every function takes this rank's tensors exactly as docs/per-rank-checkpoint.md lays them
+out (fused_a rows q_a | c | k_pe; fused_q_proj per head [absorbed q_nope ; q_pe];
+kv_b_proj per head [k_nope ; v]; expert fc rows up | gate) and returns this rank's
+*partial* result where the layout splits a reduction over ranks; the caller (executor)
+owns the collectives. Math is in the tensors' dtype except norms, softmax and the router,
+which run in float32 as transformers' DeepseekV3 does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, cast back, then scaled (transformers' order of operations)."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Rope:
+    """YaRN rotary tables for interleaved pairs (x0, x1), (x2, x3), ... of the rope dims."""
+
+    def __init__(self, inv_freq: list[float], attention_factor: float, max_len: int, dtype, device):
+        inv = torch.tensor(inv_freq, dtype=torch.float32, device=device)
+        angles = torch.arange(max_len, dtype=torch.float32, device=device)[:, None] * inv[None]
+        self.cos = (angles.cos() * attention_factor).to(dtype)
+        self.sin = (angles.sin() * attention_factor).to(dtype)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [N, ..., rope] where row i sits at positions[i]; pairs stay interleaved."""
+        shape = [positions.shape[0]] + [1] * (x.dim() - 2) + [-1]
+        cos = self.cos[positions].view(shape)
+        sin = self.sin[positions].view(shape)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's MLA tensors on this rank (dequantised)."""
+
+    fused_a: torch.Tensor  # [ql + kl + rope, H]
+    q_a_norm: torch.Tensor  # [ql]
+    kv_a_norm: torch.Tensor  # [kl]
+    q_b: torch.Tensor  # [hl*(nope+rope), ql]
+    kv_b: torch.Tensor  # [hl*(nope+vd), kl]
+    fused_q: torch.Tensor  # [hl*(kl+rope), ql]
+    dense: torch.Tensor  # [H, hl*vd]
+
+
+@dataclass(frozen=True)
+class MlaDims:
+    heads: int  # local heads
+    q_lora: int
+    kv_lora: int
+    nope: int
+    rope: int
+    v: int
+    scale: float
+    eps: float
+
+
+def mla_latent(
+    x: torch.Tensor, w: AttentionWeights, d: MlaDims, rope: Rope, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_a projection: (normed q latent cq [N, ql], cache rows [N, kl + rope] = c | RoPE(k_pe))."""
+    a = x @ w.fused_a.T
+    cq = rms_norm(a[:, : d.q_lora], w.q_a_norm, d.eps)
+    c = rms_norm(a[:, d.q_lora : d.q_lora + d.kv_lora], w.kv_a_norm, d.eps)
+    k_pe = rope(a[:, d.q_lora + d.kv_lora :], positions)
+    return cq, torch.cat((c, k_pe), dim=-1)
+
+
+def mla_prefill(
+    cq: torch.Tensor,
+    latent: torch.Tensor,
+    w: AttentionWeights,
+    d: MlaDims,
+    rope: Rope,
+    positions: torch.Tensor,
+    seq_lens: list[int],
+) -> torch.Tensor:
+    """Unabsorbed causal attention over packed whole sequences (q_b_proj, kv_b_proj).
+
+    cq [N, ql] and latent [N, kl + rope] are the packed tokens of sequences of `seq_lens`
+    (each starting at position 0). Returns attention outputs before `dense`: [N, hl*vd].
+    """
+    n = cq.shape[0]
+    q = (cq @ w.q_b.T).view(n, d.heads, d.nope + d.rope)
+    q_pe = rope(q[..., d.nope :], positions)
+    q = torch.cat((q[..., : d.nope], q_pe), dim=-1)
+    kv = (latent[:, : d.kv_lora] @ w.kv_b.T).view(n, d.heads, d.nope + d.v)
+    k_pe = latent[:, None, d.kv_lora :].expand(n, d.heads, d.rope)
+    k = torch.cat((kv[..., : d.nope], k_pe), dim=-1)
+    v = kv[..., d.nope :]
+    outs = []
+    start = 0
+    for length in seq_lens:
+        sl = slice(start, start + length)
+        o = F.scaled_dot_product_attention(
+            q[sl].transpose(0, 1),
+            k[sl].transpose(0, 1),
+            v[sl].transpose(0, 1),
+            is_causal=True,
+            scale=d.scale,
+        )
+        outs.append(o.transpose(0, 1).reshape(length, d.heads * d.v))
+        start += length
+    return torch.cat(outs, dim=0)
+
+
+def mla_decode(
+    cq: torch.Tensor,
+    cache: torch.Tensor,
+    lengths: torch.Tensor,
+    w: AttentionWeights,
+    d: MlaDims,
+    rope: Rope,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Absorbed attention of one new token per sequence over the latent cache (MQA, kl + rope).
+
+    cq [B, ql]; cache [B, L, kl + rope] already holding the new token's row; lengths [B]
+    (valid rows per sequence). Returns outputs before `dense`: [B, hl*vd].
+    """
+    b = cq.shape[0]
+    qa = (cq @ w.fused_q.T).view(b, d.heads, d.kv_lora + d.rope)
+    qa = torch.cat((qa[..., : d.kv_lora], rope(qa[..., d.kv_lora :], positions)), dim=-1)
+    scores = torch.matmul(qa, cache.transpose(1, 2)).to(torch.float32) * d.scale  # [B, hl, L]
+    invalid = torch.arange(cache.shape[1], device=cache.device)[None, :] >= lengths[:, None]
+    scores.masked_fill_(invalid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(cache.dtype)
+    o_lat = torch.matmul(p, cache[..., : d.kv_lora])  # [B, hl, kl]
+    w_v = w.kv_b.view(d.heads, d.nope + d.v, d.kv_lora)[:, d.nope :]  # [hl, vd, kl]
+    out = torch.einsum("bhk,hvk->bhv", o_lat, w_v)
+    return out.reshape(b, d.heads * d.v)
+
+
+def swiglu(x: torch.Tensor, up_gate: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down @ (silu(gate x) * (up x)) with `up_gate` rows = up | gate (expert / shared fc)."""
+    h = x @ up_gate.T
+    half = h.shape[-1] // 2
+    return (F.silu(h[..., half:]) * h[..., :half]) @ down.T
+
+
+def dense_mlp(
+    x: torch.Tensor, fc: torch.Tensor, gate: torch.Tensor, proj: torch.Tensor
+) -> torch.Tensor:
+    """Dense SwiGLU with TensorRT-LLM names: fc = activated (gate_proj), gate = up_proj."""
+    return (F.silu(x @ fc.T) * (x @ gate.T)) @ proj.T
+
+
+def routed_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    fc: torch.Tensor,
+    proj: torch.Tensor,
+    first_expert: int,
+) -> torch.Tensor:
+    """Sum over this rank's experts [first, first + El) of w * expert(x) for the tokens routed there.
+
+    x [M, H], ids/weights [M, k] with global expert ids. Tokens are grouped per expert with
+    one sort, so the loop runs once per expert that received tokens.
+    """
+    out = torch.zeros_like(x)
+    local = ids.to(torch.int64) - first_expert
+    flat = local.flatten()
+    mine = (flat >= 0) & (flat < fc.shape[0])
+    if not bool(mine.any()):
+        return out
+    slots = mine.nonzero().squeeze(1)
+    order = torch.argsort(flat[slots], stable=True)
+    slots = slots[order]
+    experts = flat[slots]
+    tokens = slots // ids.shape[1]
+    scales = weights.flatten()[slots].to(x.dtype)
+    counts = torch.bincount(experts, minlength=fc.shape[0]).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        idx = tokens[start : start + count]
+        y = swiglu(x[idx], fc[e], proj[e]) * scales[start : start + count, None]
+        out.index_add_(0, idx, y)
+        start += count
+    return out

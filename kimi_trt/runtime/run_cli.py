@@ -1,0 +1,187 @@
+"""`kimi-trt run`: one process per rank; rank 0 reads the prompts, generates and prints.
+
+Prompts come from exactly one of --prompt (raw text), --chat (one user turn through the
+chat template), --prompt-ids (comma-separated ids) or --input-file (JSON lines, each
+object holding one of "prompt", "chat", "messages" or "prompt_ids"). Text needs a
+tokenizer: the engine dir's (or --tokenizer-dir). Output: streamed text for a single
+prompt, or with --json one object per prompt on stdout:
+{"prompt_tokens": [...], "tokens": [...], "text": "..." | null, "finish_reason": "..."}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kimi_trt.errors import UserError
+from kimi_trt.runtime.failure import SharedError, run_rank
+from kimi_trt.runtime.generate import GenerationResult
+from kimi_trt.runtime.launch import detect_rank_info
+from kimi_trt.runtime.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where the prompts come from (exactly one field set; checked by `check`)."""
+
+    prompt: str | None = None
+    chat: str | None = None
+    prompt_ids: str | None = None
+    input_file: Path | None = None
+
+    def check(self) -> None:
+        given = [n for n in ("prompt", "chat", "prompt_ids", "input_file") if getattr(self, n)]
+        if len(given) != 1:
+            opts = ", ".join("--" + n.replace("_", "-") for n in given) or "none"
+            raise UserError(
+                f"give exactly one of --prompt, --chat, --prompt-ids, --input-file (got {opts})"
+            )
+        if self.prompt_ids is not None:
+            parse_ids(self.prompt_ids, "--prompt-ids")
+
+
+def parse_ids(text: str, where: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(
+            f"{where}: expected comma-separated token ids like 1,2,3, got {text!r}"
+        ) from None
+    if not ids:
+        raise UserError(f"{where}: no token ids given")
+    return ids
+
+
+def _need_tokenizer(tokenizer, what: str):
+    if tokenizer is None:
+        raise UserError(
+            f"{what} needs a tokenizer, but the engine dir has no tiktoken.model; "
+            "pass --tokenizer-dir or use --prompt-ids"
+        )
+    return tokenizer
+
+
+def _line_prompt(obj: Any, tokenizer, where: str) -> list[int]:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    if "prompt_ids" in obj:
+        ids = obj["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise UserError(f"{where}: 'prompt_ids' must be a list of integers")
+        return ids
+    if "prompt" in obj:
+        return _need_tokenizer(tokenizer, where).encode(str(obj["prompt"]))
+    if "chat" in obj:
+        messages = [{"role": "user", "content": str(obj["chat"])}]
+        return _need_tokenizer(tokenizer, where).apply_chat_template(messages)
+    if "messages" in obj:
+        return _need_tokenizer(tokenizer, where).apply_chat_template(obj["messages"])
+    raise UserError(f"{where}: needs one of 'prompt', 'chat', 'messages', 'prompt_ids'")
+
+
+def read_input_file(path: Path, tokenizer) -> list[list[int]]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read input file ({e.strerror or e})") from None
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        prompts.append(_line_prompt(obj, tokenizer, f"{path}:{n}"))
+    if not prompts:
+        raise UserError(f"{path}: no prompts (expected one JSON object per line)")
+    return prompts
+
+
+def collect_prompts(src: PromptSource, tokenizer) -> list[list[int]]:
+    """The token ids of every prompt (rank 0 only: only it needs the input)."""
+    if src.prompt_ids is not None:
+        return [parse_ids(src.prompt_ids, "--prompt-ids")]
+    if src.prompt is not None:
+        return [_need_tokenizer(tokenizer, "--prompt").encode(src.prompt)]
+    if src.chat is not None:
+        messages = [{"role": "user", "content": src.chat}]
+        return [_need_tokenizer(tokenizer, "--chat").apply_chat_template(messages)]
+    return read_input_file(src.input_file, tokenizer)
+
+
+def result_json(result: GenerationResult, tokenizer) -> dict[str, Any]:
+    text = tokenizer.decode(result.tokens) if tokenizer is not None else None
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "tokens": result.tokens,
+        "text": text,
+        "finish_reason": result.finish_reason,
+    }
+
+
+class _Streamer:
+    """Prints a single prompt's continuation as it is produced (text, or ids without a tokenizer)."""
+
+    def __init__(self, tokenizer):
+        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+
+    def __call__(self, index: int, token: int) -> None:
+        piece = self.detok.feed(token) if self.detok else f"{token} "
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def close(self, result: GenerationResult) -> None:
+        tail = self.detok.flush() if self.detok else ""
+        sys.stdout.write(f"{tail}\n")
+        sys.stderr.write(f"[{len(result.tokens)} tokens, finish_reason={result.finish_reason}]\n")
+
+
+def _drive(engine, src: PromptSource, params: SamplingParams, as_json: bool) -> None:
+    try:
+        prompts = collect_prompts(src, engine.tokenizer)
+        engine.validate_prompts(prompts, [params] * len(prompts))
+    except UserError as e:  # about the job's input, not a rank: one line, no rank prefix
+        raise SharedError(str(e)) from None
+    stream = not as_json and len(prompts) == 1
+    streamer = _Streamer(engine.tokenizer) if stream else None
+    results = engine.generate(prompts, params, on_token=streamer)
+    for i, res in enumerate(results):
+        if as_json:
+            print(json.dumps(result_json(res, engine.tokenizer)), flush=True)
+        elif streamer is not None:
+            streamer.close(res)
+        else:
+            out = result_json(res, engine.tokenizer)
+            body = out["text"] if out["text"] is not None else " ".join(map(str, res.tokens))
+            print(f"--- prompt {i} ({res.finish_reason}) ---\n{body}", flush=True)
+
+
+def run_command(
+    engine_dir: Path,
+    src: PromptSource,
+    params: SamplingParams,
+    as_json: bool,
+    tokenizer_dir: Path | None = None,
+) -> int:
+    """The body of `kimi-trt run` on every rank; returns the exit code."""
+    from kimi_trt.runtime.engine import load_engine
+
+    src.check()
+    info = detect_rank_info()
+
+    def body() -> int:
+        engine = load_engine(engine_dir, tokenizer_dir=tokenizer_dir)
+        if not engine.is_driver:
+            engine.worker_loop()
+            return 0
+        # On failure rank 0 just exits: the workers' pending broadcast then fails and they
+        # stop too. shutdown() is only for the success path (it would wait on a hung peer).
+        _drive(engine, src, params, as_json)
+        engine.shutdown()
+        return 0
+
+    return run_rank(body, info.rank, info.world_size)

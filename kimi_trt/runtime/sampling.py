@@ -1,0 +1,75 @@
+"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, seeded).
+
+Sampling runs on rank 0 only, on the gathered float32 logits, and rank 0 broadcasts the
+chosen tokens with the next step - so every rank follows one decision and results do not
+depend on the world size. Each request has its own generator seeded from its `seed`, so
+a seeded request gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from kimi_trt.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt. `temperature == 0` (or `top_k == 1`) is greedy.
+
+    stop_token_ids: generation ends when one is sampled (it is not added to the output);
+    None means the engine's defaults (config eos and <|im_end|> when a tokenizer is present).
+    return_logits: keep the float32 logits of every step in the result (tests, logprobs).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    return_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def generator(self) -> torch.Generator | None:
+        """A CPU generator for this request (None when greedy: nothing is random)."""
+        if self.greedy:
+            return None
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        return torch.Generator().manual_seed(seed)
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """One token id from float32 logits [V] (CPU)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scaled = logits / params.temperature
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        before = sorted_p.cumsum(0) - sorted_p  # mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
