@@ -95,12 +95,24 @@ def finish_command(ctx: BuildContext) -> str:
 
 
 def _link_checkpoint(ctx: BuildContext) -> StageResult:
-    """Backend torch: the engine dir is the per-rank checkpoint itself (hard-linked)."""
+    """Backend torch: the engine dir is the per-rank checkpoint (rank files hard-linked).
+
+    config.json is the checkpoint's plus a `build_config` object with the limits, where
+    TensorRT-LLM's engine config.json keeps them, so the runtime reads both alike.
+    """
     from kimi_trt.convert.rank_checkpoint import CONFIG_NAME, read_rank_config
 
     cfg = read_rank_config(ctx.convert_dir)
-    names = [CONFIG_NAME] + [cfg.rank_file(r).name for r in range(cfg.world_size)]
-    files = [copy_file(ctx.convert_dir / n, ctx.out / n, link=True) for n in names]
+    raw = json.loads((ctx.convert_dir / CONFIG_NAME).read_text())
+    raw["build_config"] = {
+        **ctx.build.limits.model_dump(mode="json"),
+        "kv_cache_dtype": ctx.build.kv_cache_dtype,
+        "kv_cache_free_gpu_mem_fraction": ctx.build.kv_cache_free_gpu_mem_fraction,
+    }
+    files = [_write_json(ctx.out / CONFIG_NAME, raw)]
+    for r in range(cfg.world_size):
+        name = cfg.rank_file(r).name
+        files.append(copy_file(ctx.convert_dir / name, ctx.out / name, link=True))
     return files, {"summary": f"torch backend: {cfg.world_size} rank file(s) linked into {ctx.out}"}
 
 
