@@ -12,3 +12,7 @@ kimi-trt inspect "$out/hf-tiny"
 # every stage whose outputs still verify.
 kimi-trt build --config build_configs/tiny_cpu_ep2.yaml
 kimi-trt inspect "$out/engine-tiny-ep2"
+# One process per rank; root may run Open MPI only with these two variables.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mpirun -np 2 --oversubscribe kimi-trt run --engine-dir "$out/engine-tiny-ep2" \
+    --prompt "The weather in Paris" --max-new-tokens 16
