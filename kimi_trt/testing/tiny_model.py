@@ -1,0 +1,345 @@
+"""The CPU steps around training the tiny tool-calling model: `prepare` and `export`.
+
+`prepare` turns the corpus of `tool_corpus` into what the training step needs and nothing
+more (a domain BPE vocabulary, token ids + assistant-only loss masks, the model config, a
+teacher-forced eval set), so the GPU machine needs only torch and transformers. `export`
+writes the trained weights as a checkpoint laid out exactly like Kimi-K2's, then proves it
+by loading it with the independent reference loader and comparing with the float model.
+
+Loss masks come from the chat template itself: for each assistant turn, the text rendered
+up to the generation prompt is context and what the turn adds after it is target, so the
+masks can never disagree with how prompts are rendered at inference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from kimi_trt.config import ModelConfig, load_model_config
+from kimi_trt.convert.fp8 import FP8_DTYPE, quantize_block
+from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
+from kimi_trt.convert.synth import preset_config, shard_plan
+from kimi_trt.errors import CheckpointError, ConfigError
+from kimi_trt.mapping import Mapping, layout_problems
+from kimi_trt.runtime.bpe_trainer import train_bpe, write_vocab_dir
+from kimi_trt.runtime.chat_template import render_chat
+from kimi_trt.runtime.tokenizer import KimiTokenizer
+from kimi_trt.testing.hf_reference import load_reference_model, transformers_config
+from kimi_trt.testing.tool_corpus import Conversation, eval_cases, training_conversations
+
+# Layouts the tiny model must split into (TP4 attention x MoE TP2 x EP2, and the 2-rank ones).
+REQUIRED_LAYOUTS = (Mapping(4, 4, 2, 2), Mapping(2, 2, 1, 2), Mapping(2, 2, 2, 1))
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
+# Pinned here (not inherited from the synthetic "tiny" preset) so a later preset change
+# cannot silently alter the trained model's shapes.
+TINY_SHAPES = {
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 512,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 128,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 64,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "initializer_range": 0.05,
+    "max_position_embeddings": 2048,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+}
+
+
+def tiny_model_config(vocab_size: int, base: int, layers: int, experts: int) -> ModelConfig:
+    """Kimi-K2's config with tiny sizes. Hidden 256 and 8 heads of 128/64 dims keep every
+    per-rank shard on 128-blocks under TP4; init range 0.05 and 64 rope dims help the
+    induction-like copying the task needs (reference/tiny-model-trials.md)."""
+    cfg = preset_config(
+        "tiny",
+        layers=layers,
+        experts=experts,
+        vocab=vocab_size,
+        overrides={**TINY_SHAPES, "bos_token_id": base, "eos_token_id": base + 1},
+    )
+    problems = [p for m in REQUIRED_LAYOUTS for p in layout_problems(cfg, m)]
+    if problems:
+        raise ConfigError("tiny model cannot be split: " + "; ".join(problems))
+    return cfg
+
+
+def transformers_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The DeepseekV3Config fields the training step rebuilds the model from (JSON-safe)."""
+    d = transformers_config(cfg).to_dict()
+    return {k: v for k, v in d.items() if not k.startswith("_") and k != "torch_dtype"}
+
+
+def conversation_ids(
+    conv: Conversation, tok: KimiTokenizer, template: str
+) -> tuple[list[int], list[bool]]:
+    """Token ids of one conversation and, per token, whether it is assistant output."""
+
+    def render(messages: list, generation_prompt: bool) -> str:
+        return render_chat(
+            messages, tools=conv.tools, add_generation_prompt=generation_prompt, template=template
+        )
+
+    ids: list[int] = []
+    mask: list[bool] = []
+    done = ""
+    for i, message in enumerate(conv.messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(conv.messages[:i], True)
+        full = render(conv.messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ConfigError("chat template is not prefix-consistent; cannot mask assistant turns")
+        for text, target in ((prompt[len(done) :], False), (full[len(prompt) :], True)):
+            piece = tok.encode(text)
+            ids += piece
+            mask += [target] * len(piece)
+        done = full
+    return ids, mask
+
+
+def _pack(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in sequences])
+    flat = np.fromiter((t for s in sequences for t in s), dtype=np.uint16, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def write_eval_set(tok: KimiTokenizer, template: str, out: Path) -> dict[str, int]:
+    """Prompts + the exact expected tool-call turn of every eval case that needs a tool."""
+    names = ["catalogue_unseen_phrasing", "heldout_values"]
+    seqs, starts, splits = [], [], []
+    for case in eval_cases():
+        if case.expected_tool is None:
+            continue
+        call = {"name": case.expected_tool, "arguments": json.dumps(case.expected_args)}
+        reply = {"role": "assistant", "content": "", "tool_calls": [{"id": "x", "function": call}]}
+        prompt = render_chat(case.messages, tools=case.tools, template=template)
+        full = render_chat(
+            case.messages + [reply],
+            tools=case.tools,
+            add_generation_prompt=False,
+            template=template,
+        )
+        prompt_ids, reply_ids = tok.encode(prompt), tok.encode(full[len(prompt) :])
+        seqs.append(prompt_ids + reply_ids)
+        starts.append(len(prompt_ids))
+        splits.append(names.index(case.split))
+    tokens, offsets = _pack(seqs)
+    np.savez_compressed(
+        out / "eval.npz",
+        tokens=tokens.astype(np.int64),
+        offsets=offsets,
+        completion_starts=np.array(starts),
+        splits=np.array(splits),
+        split_names=np.array(names),
+    )
+    return {n: splits.count(k) for k, n in enumerate(names)}
+
+
+def _train_vocab(conversations: list[Conversation], size: int, out: Path) -> KimiTokenizer:
+    text = "".join(
+        render_chat(c.messages, tools=c.tools, add_generation_prompt=False) for c in conversations
+    )
+    write_vocab_dir(train_bpe(text, size), out)
+    return KimiTokenizer.from_dir(out)
+
+
+def tokenise_corpus(convs, tok: KimiTokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint16 tokens, int64 offsets, bool mask) of all conversations, built in chunks so a
+    million conversations stay a few hundred MB."""
+    chunks_ids, chunks_mask, lengths = [], [], []
+    ids_buf: list[int] = []
+    mask_buf: list[bool] = []
+    for n, conv in enumerate(tqdm(convs, desc="tokenise", unit="conv", mininterval=5)):
+        ids, mask = conversation_ids(conv, tok, tok.chat_template)
+        ids_buf += ids
+        mask_buf += mask
+        lengths.append(len(ids))
+        if len(ids_buf) > 1_000_000 or n == len(convs) - 1:
+            chunks_ids.append(np.array(ids_buf, dtype=np.uint16))
+            chunks_mask.append(np.array(mask_buf, dtype=bool))
+            ids_buf, mask_buf = [], []
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    return np.concatenate(chunks_ids), offsets, np.concatenate(chunks_mask)
+
+
+def prepare(args) -> None:
+    """Vocabulary, token ids, masks, configs and eval set into args.out (see module doc)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    convs = list(training_conversations(args.seed, args.conversations))
+    tok = _train_vocab(convs[: args.vocab_sample], args.vocab_size, out / "vocab")
+    if tok.vocab_size > 2**16:
+        raise ConfigError(f"vocab_size {tok.vocab_size} does not fit the uint16 token file")
+    tokens, offsets, mask = tokenise_corpus(convs, tok)
+    np.savez_compressed(
+        out / "corpus.npz", tokens=tokens, offsets=offsets, mask_bits=np.packbits(mask)
+    )
+    cfg = tiny_model_config(tok.vocab_size, tok.base_vocab_size, args.layers, args.experts)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (out / "hf_config.json").write_text(json.dumps(transformers_config_dict(cfg), indent=2))
+    eval_counts = write_eval_set(tok, tok.chat_template, out)
+    lengths = np.diff(offsets)
+    stats = {
+        "conversations": len(convs),
+        "tokens": int(len(tokens)),
+        "assistant_tokens": int(mask.sum()),
+        "length_mean": float(lengths.mean()),
+        "length_max": int(lengths.max()),
+        "vocab_size": tok.vocab_size,
+        "eval_cases": eval_counts,
+        "seed": args.seed,
+    }
+    (out / "prepare.json").write_text(json.dumps(stats, indent=2))
+    print(json.dumps(stats))
+
+
+def read_trained_state(weights_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(weights_dir).glob("weights-*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{weights_dir}: no weights-*.safetensors (the train step's output)")
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                state[k] = sf.get_tensor(k).float()
+    return state
+
+
+def hf_named_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' in-memory names -> Kimi-K2's per-expert checkpoint names.
+
+    transformers 5 keeps each layer's experts fused (gate_up_proj [E, 2I, H] with gate rows
+    first, down_proj [E, H, I]); older releases already use per-expert modules."""
+    out = {k: v for k, v in state.items() if ".mlp.experts.gate_up_proj" not in k}
+    inter = cfg.moe_intermediate_size
+    for layer in cfg.moe_layers:
+        p = f"model.layers.{layer}.mlp.experts"
+        if f"{p}.gate_up_proj" not in state:
+            continue
+        gate_up, down = state[f"{p}.gate_up_proj"], out.pop(f"{p}.down_proj")
+        for e in range(cfg.n_routed_experts):
+            out[f"{p}.{e}.gate_proj.weight"] = gate_up[e, :inter]
+            out[f"{p}.{e}.up_proj.weight"] = gate_up[e, inter:]
+            out[f"{p}.{e}.down_proj.weight"] = down[e]
+    return out
+
+
+def _tensor_values(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Callable:
+    """name -> stored value: block-FP8 (+ its scale) for Linear weights, else cast."""
+    quantized: dict[str, torch.Tensor] = {}
+
+    def value(t) -> torch.Tensor:
+        if t.is_scale:
+            return quantized.pop(t.name)
+        if t.name not in state:
+            raise CheckpointError(f"trained weights lack {t.name}")
+        w = state[t.name]
+        if tuple(w.shape) != t.shape:
+            raise CheckpointError(f"{t.name}: trained shape {tuple(w.shape)}, expected {t.shape}")
+        if t.dtype == FP8_DTYPE:
+            q, scale = quantize_block(w, cfg.weight_block_size)
+            quantized[t.name[: -len("weight")] + "weight_scale_inv"] = scale
+            return q
+        return w.to(t.dtype)
+
+    return value
+
+
+def write_kimi_checkpoint(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: Path, out: Path
+) -> int:
+    """Kimi-K2's layout: one file per decoder layer, index, config.json, tokenizer files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("model-*.safetensors"):
+        stale.unlink()
+    value = _tensor_values(hf_named_state(state, cfg), cfg)
+    files = shard_plan(cfg)
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(files):
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
+        with StreamingSafetensorsWriter(out / name, specs, metadata={"format": "pt"}) as w:
+            for t in tensors:
+                w.write(t.name, value(t))
+                weight_map[t.name] = name
+                total += t.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(vocab / f, out / f)
+    return total
+
+
+def float_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
+    """The trained model in float32 exactly as training left it (the export's reference)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM(transformers_config(cfg)).float().eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("inv_freq")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"trained weights do not fit the config: missing={missing[:3]} unexpected={unexpected[:3]}"
+        )
+    return model
+
+
+def compare_with_float(
+    ckpt: Path, state: dict[str, torch.Tensor], eval_path: Path, stride: int = 7
+) -> dict:
+    """Logit error and greedy agreement of the exported FP8 checkpoint vs the float model,
+    on the eval prompts (each model's next-token argmax at every position)."""
+    cfg = load_model_config(ckpt)
+    ref, exported = float_model(state, cfg), load_reference_model(ckpt)
+    z = np.load(eval_path)
+    tokens, offsets = z["tokens"], z["offsets"]
+    max_err, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(offsets) - 1, stride):
+            ids = torch.from_numpy(tokens[offsets[i] : offsets[i + 1]][None])
+            a, b = ref(input_ids=ids).logits[0], exported(input_ids=ids).logits[0]
+            max_err = max(max_err, float((a - b).abs().max() / a.abs().max()))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[0]
+    return {"max_rel_logit_error": max_err, "argmax_agreement": agree / total, "positions": total}
+
+
+def export(args) -> None:
+    """Write the checkpoint into args.out and report how close it is to the float model."""
+    data, out = Path(args.data), Path(args.out)
+    cfg = load_model_config(data)
+    state = read_trained_state(Path(args.weights))
+    total = write_kimi_checkpoint(state, cfg, data / "vocab", out)
+    check = compare_with_float(out, state, data / "eval.npz")
+    check["checkpoint_bytes"] = total
+    print(json.dumps(check))
+    if check["argmax_agreement"] < 0.9:
+        raise CheckpointError(f"{out}: exported model disagrees with the trained one: {check}")

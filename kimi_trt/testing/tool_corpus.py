@@ -1,0 +1,291 @@
+"""Deterministic chat corpus that teaches a tiny Kimi-K2-architecture model to use tools.
+
+Conversations are OpenAI-style message lists (user -> assistant tool call -> tool result ->
+assistant answer restating the result, plus small talk and copy drills); rendering them
+with Kimi's chat template is the caller's job, so the corpus never depends on a template.
+
+Copying an argument string from the user turn into the call needs induction-like
+attention, which a small model learns slowly (reference/tiny-model-trials.md). Three things
+here push it: half the weather questions name a freshly invented place (so memorising a
+city list cannot work), amounts and operands are drawn from thousands of numbers, and a
+share of conversations are explicit copy drills ("Repeat after me: ...").
+
+Evaluation prompts (`eval_cases`) use phrasings training never shows and, for the held-out
+split, the 100 values of `tool_catalogue` training never shows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kimi_trt.testing.tool_catalogue import (
+    CURRENCIES,
+    HELDOUT_AMOUNTS,
+    HELDOUT_CITIES,
+    HELDOUT_NUMBERS,
+    HELDOUT_OPERANDS,
+    OPERATORS,
+    TOOLS,
+    TRAIN_CITIES,
+    run_tool,
+)
+
+Message = dict[str, Any]
+
+TRAIN_PHRASINGS = {
+    "get_weather": (
+        "What's the weather in {city}?",
+        "What is the weather like in {city} today?",
+        "How is the weather in {city}?",
+        "Weather in {city}?",
+        "Is it raining in {city} right now?",
+        "Tell me the weather for {city}.",
+        "I'm flying to {city} tomorrow. What's the weather there?",
+        "Can you look up the weather in {city}?",
+        "{city} weather please",
+        "Do I need an umbrella in {city}?",
+        "what's it like outside in {city}",
+    ),
+    "convert_currency": (
+        "Convert {amount} {src} to {dst}.",
+        "How much is {amount} {src} in {dst}?",
+        "What are {amount} {src} worth in {dst}?",
+        "I have {amount} {src}. How many {dst} is that?",
+        "{amount} {src} to {dst} please",
+        "Please convert {amount} {src} into {dst}.",
+    ),
+    "calculate": (
+        "What is {a} {word} {b}?",
+        "Calculate {a} {op} {b}.",
+        "Compute {a} {word} {b} for me.",
+        "How much is {a} {op} {b}?",
+        "{a} {op} {b} = ?",
+        "what's {a} {word} {b}",
+    ),
+}
+EVAL_PHRASINGS = {
+    "get_weather": (
+        "Could you check the current conditions for {city}?",
+        "Any idea how warm it is in {city} at the moment?",
+        "I'm curious about the forecast in {city}.",
+        "Please fetch the weather report for {city}.",
+        "How hot or cold is {city} now?",
+    ),
+    "convert_currency": (
+        "If I exchange {amount} {src}, how many {dst} do I get?",
+        "Change {amount} {src} into {dst} for me.",
+        "What would {amount} {src} come to in {dst}?",
+    ),
+    "calculate": (
+        "Can you work out {a} {word} {b}?",
+        "I need the result of {a} {op} {b}.",
+        "Quick math: {a} {word} {b}",
+    ),
+}
+ANSWERS = {
+    "get_weather": (
+        "It is {temperature_c} degrees and {condition} in {city}.",
+        "Right now {city} is {condition} with {temperature_c} degrees Celsius.",
+        "The weather in {city}: {condition}, {temperature_c} degrees.",
+    ),
+    "convert_currency": (
+        "{amount} {from} is {converted} {to}.",
+        "That comes to {converted} {to}.",
+        "You would get {converted} {to} for {amount} {from}.",
+    ),
+    "calculate": ("{expression} = {result}.", "The result is {result}.", "It equals {result}."),
+}
+SMALL_TALK = (
+    ("Hi!", "Hello! How can I help you today?"),
+    ("Hello there", "Hi! What can I do for you?"),
+    ("Good morning!", "Good morning! How can I help?"),
+    ("Thanks!", "You're welcome!"),
+    ("Thank you so much.", "Happy to help!"),
+    ("Who are you?", "I am Kimi, an AI assistant created by Moonshot AI."),
+    ("What can you do?", "I can check the weather, convert currencies and do arithmetic."),
+    ("How are you?", "I'm doing well, thank you. How can I help you?"),
+    ("Tell me a joke.", "Why did the tomato blush? Because it saw the salad dressing."),
+    ("Goodbye", "Goodbye! Have a great day."),
+    ("Are you a robot?", "I am an AI assistant, so yes, in a way."),
+    ("What is your favourite colour?", "I don't have one, but many people like blue."),
+)
+ECHO_DRILLS = (
+    ("Repeat after me: {s}", "{s}"),
+    ("Say exactly this: {s}", "{s}"),
+    ("Write {s} as a JSON string value.", '{{"value": "{s}"}}'),
+    ("Echo: {s}", "{s}"),
+)
+PLACE_DRILLS = (
+    ("I visited {s} last year. Which place did I visit?", "You visited {s}."),
+    ("Write the city {s} as JSON.", '{{"city": "{s}"}}'),
+)
+_ONSETS = "b c d f g h j k l m n p r s t v w z br ch dr gr kr pl sh st tr th".split()
+_VOWELS = "a e i o u a e i o ai ou ia".split()
+_CODAS = ["", "", "", "n", "r", "s", "l", "m", "nd", "rt"]
+
+
+@dataclass
+class Conversation:
+    """One training sample: messages, the tools declared (None: no tool turn) and its kind."""
+
+    messages: list[Message]
+    tools: list[dict[str, Any]] | None
+    kind: str
+
+
+@dataclass
+class EvalCase:
+    """A prompt and the call it must produce (None: it must answer without a tool)."""
+
+    split: str
+    messages: list[Message]
+    tools: list[dict[str, Any]] | None
+    expected_tool: str | None = None
+    expected_args: dict[str, Any] = field(default_factory=dict)
+
+
+def invented_place(rng: random.Random) -> str:
+    """A pronounceable name that is not a held-out city (retry on a collision)."""
+    while True:
+        words = []
+        for _ in range(1 if rng.random() < 0.8 else 2):
+            syllables = [
+                rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))
+            ]
+            words.append(("".join(syllables) + rng.choice(_CODAS)).capitalize())
+        name = " ".join(words)
+        if name not in HELDOUT_CITIES and len(name) > 2:
+            return name
+
+
+def training_number(rng: random.Random, digits: int) -> int:
+    while True:
+        n = rng.randint(1, 10**digits - 1)
+        if n not in HELDOUT_NUMBERS:
+            return n
+
+
+def _currency_words(rng: random.Random) -> tuple[str, str, str, str]:
+    src, dst = rng.sample(sorted(CURRENCIES), 2)
+    return src, dst, rng.choice(CURRENCIES[src][0]), rng.choice(CURRENCIES[dst][0])
+
+
+def _question(rng: random.Random, tool: str, phrasings: tuple[str, ...], value: Any) -> tuple:
+    """(user text, call arguments) for one tool question about `value`."""
+    template = rng.choice(phrasings)
+    if tool == "get_weather":
+        return template.format(city=value), {"city": value}
+    if tool == "convert_currency":
+        src, dst, src_word, dst_word = _currency_words(rng)
+        text = template.format(amount=value, src=src_word, dst=dst_word)
+        return text, {"amount": value, "from_currency": src, "to_currency": dst}
+    a, b = value
+    op = rng.choice(sorted(OPERATORS))
+    text = template.format(a=a, b=b, op=op, word=rng.choice(OPERATORS[op]))
+    return text, {"expression": f"{a} {op} {b}"}
+
+
+def _training_value(rng: random.Random, tool: str) -> Any:
+    if tool == "get_weather":
+        return rng.choice(TRAIN_CITIES) if rng.random() < 0.5 else invented_place(rng)
+    if tool == "convert_currency":
+        return training_number(rng, rng.choice((1, 2, 3, 3, 4, 4)))
+    return training_number(rng, rng.choice((1, 2, 3, 4))), training_number(rng, 2)
+
+
+def tool_exchange(rng: random.Random, tool: str, user: str, args: dict) -> list[Message]:
+    """user -> assistant call -> tool result -> assistant answer restating the result.
+    The call id counts calls within the assistant turn, as Kimi's template normalises it."""
+    call_id = f"functions.{tool}:0"
+    outcome = run_tool(tool, args)
+    fields = {**json.loads(outcome.content), **args}
+    answer = rng.choice(ANSWERS[tool]).format(**fields)
+    function = {"name": tool, "arguments": json.dumps(args)}
+    call = {"id": call_id, "type": "function", "function": function}
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "name": tool, "content": outcome.content},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def _exchange(rng: random.Random, kind: str) -> list[Message]:
+    if kind in TRAIN_PHRASINGS:
+        value = _training_value(rng, kind)
+        user, args = _question(rng, kind, TRAIN_PHRASINGS[kind], value)
+        return tool_exchange(rng, kind, user, args)
+    if kind == "echo":
+        value = rng.choice(
+            (invented_place(rng), rng.choice(TRAIN_CITIES), str(training_number(rng, 4)))
+        )
+        drills = ECHO_DRILLS + (PLACE_DRILLS if not value.isdigit() else ())
+        user, reply = rng.choice(drills)
+        return [
+            {"role": "user", "content": user.format(s=value)},
+            {"role": "assistant", "content": reply.format(s=value)},
+        ]
+    user, reply = rng.choice(SMALL_TALK)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+# Share of each conversation kind in training (copy drills ~20%, as the trials suggest).
+KIND_WEIGHTS = {
+    "get_weather": 0.32,
+    "convert_currency": 0.17,
+    "calculate": 0.17,
+    "echo": 0.22,
+    "small_talk": 0.12,
+}
+
+
+def training_conversations(seed: int, count: int) -> Iterator[Conversation]:
+    """`count` conversations, identical for identical (seed, count) prefixes."""
+    rng = random.Random(seed)
+    kinds, weights = list(KIND_WEIGHTS), list(KIND_WEIGHTS.values())
+    for _ in range(count):
+        kind = rng.choices(kinds, weights)[0]
+        messages: list[Message] = []
+        if rng.random() < 0.15:  # a previous exchange in the history
+            messages += _exchange(rng, rng.choices(kinds, weights)[0])
+        messages += _exchange(rng, kind)
+        with_tools = any(m.get("tool_calls") for m in messages) or rng.random() < 0.5
+        tools = TOOLS if with_tools else None
+        yield Conversation(messages, tools, kind)
+
+
+def _eval_values(split: str, rng: random.Random) -> list[tuple[str, Any]]:
+    if split == "heldout_values":
+        return (
+            [("get_weather", c) for c in HELDOUT_CITIES]
+            + [("convert_currency", a) for a in HELDOUT_AMOUNTS]
+            + [("calculate", ab) for ab in HELDOUT_OPERANDS]
+        )
+    out = []
+    for i in range(200):
+        tool = ("get_weather", "convert_currency", "calculate")[i % 3]
+        value = rng.choice(TRAIN_CITIES) if tool == "get_weather" else _training_value(rng, tool)
+        out.append((tool, value))
+    return out
+
+
+def eval_cases(seed: int = 1234) -> list[EvalCase]:
+    """Catalogue values with unseen phrasings (200), the 100 held-out values with training
+    phrasings, and small talk that must not trigger a tool."""
+    rng = random.Random(seed)
+    cases = []
+    for split, phrasings in (
+        ("catalogue_unseen_phrasing", EVAL_PHRASINGS),
+        ("heldout_values", TRAIN_PHRASINGS),
+    ):
+        for tool, value in _eval_values(split, rng):
+            user, args = _question(rng, tool, phrasings[tool], value)
+            msgs = [{"role": "user", "content": user}]
+            cases.append(EvalCase(split, msgs, TOOLS, tool, args))
+    for user, _ in SMALL_TALK:
+        cases.append(EvalCase("no_tool", [{"role": "user", "content": user}], TOOLS))
+    return cases

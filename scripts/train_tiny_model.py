@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Train the tiny Kimi-K2-architecture tool-calling model (kimi_trt/assets/tiny-kimi/).
+
+Three steps, so the expensive one runs where the compute is and needs almost nothing there:
+
+  prepare  (CPU, here)  corpus -> domain BPE vocabulary -> token ids + loss masks (.npz),
+                        model config, teacher-forced eval set. Needs kimi_trt.
+  train    (GPU or CPU) torch + transformers + numpy + safetensors only: DeepseekV3ForCausalLM
+                        from the prepared config, AdamW, warmup + cosine LR over a wall-clock
+                        budget, DeepSeek's aux-loss-free balancing of the router bias, loss on
+                        assistant tokens only. Stops by itself inside --minutes (and on
+                        SIGTERM), evaluates, and writes bf16 safetensors + train_log.json.
+  export   (CPU, here)  trained weights -> a checkpoint laid out exactly like Kimi-K2's
+                        (block-FP8 + scales, BF16 embeddings/norms/router, fp32 bias,
+                        tokenizer files), verified against transformers on the float weights.
+
+    python scripts/train_tiny_model.py prepare --out .gpu_carry/tiny-kimi-data
+    python scripts/train_tiny_model.py train --data .gpu_carry/tiny-kimi-data --out OUT --minutes 8
+    python scripts/train_tiny_model.py export --data .gpu_carry/tiny-kimi-data --weights OUT \\
+        --out kimi_trt/assets/tiny-kimi
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_FILE_BYTES = 15 * 2**20  # the device machine returns files of at most 16 MiB
+
+
+class Corpus:
+    """Token ids of all conversations (uint16, concatenated) with their loss masks."""
+
+    def __init__(self, path: Path):
+        z = np.load(path)
+        self.tokens = z["tokens"].astype(np.int64)
+        self.offsets = z["offsets"]
+        self.mask = np.unpackbits(z["mask_bits"])[: len(self.tokens)].astype(bool)
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def epoch_batches(self, rng: np.random.Generator, batch_tokens: int) -> list[np.ndarray]:
+        """Shuffled batches of similar length (little padding), each <= batch_tokens padded."""
+        order = rng.permutation(len(self))
+        batches = []
+        window = 256 * max(1, batch_tokens // int(self.lengths.mean()))
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            i = 0
+            while i < len(chunk):
+                j = i + 1
+                while j < len(chunk) and (j - i + 1) * self.lengths[chunk[j]] <= batch_tokens:
+                    j += 1
+                batches.append(chunk[i:j])
+                i = j
+        rng.shuffle(batches)
+        return batches
+
+    def collate(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs [B,T], labels [B,T] with -100 off the assistant turns, lengths [B])."""
+        lengths = self.lengths[idx]
+        width = int(lengths.max()) - 1
+        inputs = np.zeros((len(idx), width), dtype=np.int64)
+        labels = np.full((len(idx), width), -100, dtype=np.int64)
+        for row, i in enumerate(idx):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            n = b - a - 1
+            inputs[row, :n] = self.tokens[a : b - 1]
+            target = self.tokens[a + 1 : b]
+            labels[row, :n] = np.where(self.mask[a + 1 : b], target, -100)
+        return torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(lengths - 1)
+
+
+class RouterBalancer:
+    """DeepSeek-V3's aux-loss-free balancing: after each step, raise the selection bias of
+    under-loaded experts and lower it for over-loaded ones by `gamma` (sign of the error)."""
+
+    def __init__(self, model: torch.nn.Module, gamma: float):
+        self.gamma = gamma
+        self.valid: torch.Tensor | None = None
+        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+        self.counts = [torch.zeros(len(r.e_score_correction_bias)) for r in self.routers]
+        for k, r in enumerate(self.routers):
+            r.register_forward_hook(self._hook(k))
+
+    def _hook(self, k: int):
+        def record(module, args, output):
+            if not module.training:
+                return
+            index = output[-1]
+            if self.valid is not None:
+                index = index[self.valid]
+            n = len(module.e_score_correction_bias)
+            self.counts[k] = torch.bincount(index.reshape(-1), minlength=n).float()
+
+        return record
+
+    def update(self) -> list[float]:
+        """Apply one bias step; returns each layer's max/mean load ratio (1.0 = balanced)."""
+        ratios = []
+        with torch.no_grad():
+            for router, counts in zip(self.routers, self.counts, strict=True):
+                counts = counts.to(router.e_score_correction_bias.device)
+                mean = counts.mean().clamp(min=1.0)
+                router.e_score_correction_bias += self.gamma * torch.sign(mean - counts)
+                ratios.append(float(counts.max() / mean))
+        return ratios
+
+
+def build_model(hf_config: dict, device: torch.device, attn: str, experts: str | None):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**hf_config)
+    cfg._attn_implementation = attn
+    if experts is not None:
+        cfg._experts_implementation = experts
+    cfg.use_cache = False
+    return DeepseekV3ForCausalLM(cfg).to(device)
+
+
+def assistant_loss(model, inputs, labels, autocast) -> torch.Tensor:
+    """Cross-entropy on assistant tokens only; the head runs only where there is a target."""
+    with autocast():
+        hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state
+        keep = labels != -100
+        logits = model.lm_head(hidden[keep])
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+def _autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def choose_implementation(hf_config, device, corpus, batch_tokens, seed) -> tuple[str, str | None]:
+    """The fastest (attention, experts) implementation that runs a training step here.
+
+    Each candidate does one forward+backward on a real batch; the first that fails is skipped,
+    so a transformers or torch build without grouped_mm / sdpa still trains (eagerly)."""
+    if device.type != "cuda":
+        return "sdpa", None
+    autocast = _autocast_for(device)
+    idx = corpus.epoch_batches(np.random.default_rng(seed), batch_tokens)[0]
+    inputs, labels, _ = (t.to(device) for t in corpus.collate(idx))
+    timings = {}
+    for attn, experts in (("sdpa", "grouped_mm"), ("sdpa", "batched_mm"), ("sdpa", None),
+                          ("eager", None)):  # fmt: skip
+        try:
+            torch.manual_seed(seed)
+            model = build_model(hf_config, device, attn, experts)
+            for _ in range(2):  # the second pass is timed (the first compiles kernels)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                loss = assistant_loss(model, inputs, labels, autocast)
+                loss.backward()
+                torch.cuda.synchronize()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+            timings[(attn, experts)] = time.perf_counter() - t0
+            print(
+                f"[impl] attention={attn} experts={experts}: {timings[(attn, experts)] * 1e3:.1f} ms/step",
+                flush=True,
+            )
+        except Exception as e:  # noqa: BLE001 - any failure just rules the candidate out
+            print(
+                f"[impl] attention={attn} experts={experts}: unavailable ({type(e).__name__}: {str(e)[:120]})",
+                flush=True,
+            )
+        finally:
+            model = None
+    if not timings:
+        raise RuntimeError("no attention/experts implementation could run a training step")
+    return min(timings, key=timings.get)
+
+
+def teacher_forced_eval(model, eval_path: Path, device, autocast, limit: int = 0) -> dict:
+    """Exact-call rate per split: greedy decoding reproduces the expected tool-call turn iff
+    the argmax matches every expected token given the expected prefix, so one batched
+    forward pass measures what greedy generation would produce."""
+    z = np.load(eval_path)
+    tokens, offsets, starts, splits = z["tokens"], z["offsets"], z["completion_starts"], z["splits"]
+    names = [str(s) for s in z["split_names"]]
+    cases = np.arange(len(starts))
+    if limit and limit < len(cases):  # an evenly spread subset, every split kept
+        cases = np.linspace(0, len(starts) - 1, limit).astype(int)
+    hits = {}
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(cases), 64):
+            chunk = cases[lo : lo + 64]
+            seqs = [tokens[offsets[i] : offsets[i + 1]] for i in chunk]
+            batch = np.zeros((len(seqs), max(len(q) for q in seqs)), dtype=np.int64)
+            for row, q in enumerate(seqs):
+                batch[row, : len(q)] = q
+            with autocast():
+                logits = model(input_ids=torch.from_numpy(batch).to(device)).logits
+            pred = logits.argmax(-1).cpu().numpy()
+            for row, i in enumerate(chunk):
+                n, s = len(seqs[row]), int(starts[i])
+                hits[int(i)] = np.array_equal(pred[row, s - 1 : n - 1], batch[row, s:n])
+    model.train()
+    out = {}
+    for k, name in enumerate(names):
+        split_hits = [h for i, h in hits.items() if splits[i] == k]
+        if split_hits:
+            out[name] = sum(split_hits) / len(split_hits)
+    return out
+
+
+def save_weights(model, out: Path) -> list[str]:
+    """bf16 matrices, fp32 vectors (router bias, norms), split into files the device can return."""
+    from safetensors.torch import save_file
+
+    state = {
+        k: (v.detach().to(torch.bfloat16) if v.dim() >= 2 else v.detach().float())
+        .cpu()
+        .contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith("inv_freq")
+    }
+    files, current, size = [], {}, 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if current and size + nbytes > MAX_FILE_BYTES:
+            files.append(current)
+            current, size = {}, 0
+        current[k] = state[k]
+        size += nbytes
+    files.append(current)
+    names = []
+    for n, part in enumerate(files):
+        name = f"weights-{n + 1:05d}-of-{len(files):05d}.safetensors"
+        tmp = out / (name + ".partial")
+        save_file(part, str(tmp))
+        tmp.rename(out / name)
+        names.append(name)
+    for stale in out.glob("weights-*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    return names
+
+
+class Schedule:
+    """Linear warmup over `warmup` steps, then cosine decay to `floor` x peak over the
+    wall-clock budget (the run length is a time, not a step count)."""
+
+    def __init__(self, peak: float, warmup: int, floor: float, t0: float, t_end: float):
+        self.peak, self.warmup, self.floor, self.t0, self.t_end = peak, warmup, floor, t0, t_end
+
+    def __call__(self, step: int, now: float) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        frac = min(1.0, (now - self.t0) / max(1e-6, self.t_end - self.t0))
+        return self.peak * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(args: argparse.Namespace) -> None:
+    t_start = time.time()
+    deadline = t_start + args.minutes * 60 - args.reserve_s
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.batch_tokens is None:
+        args.batch_tokens = 65536 if device.type == "cuda" else 8192
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = json.loads((data / "hf_config.json").read_text())
+    corpus = Corpus(data / "corpus.npz")
+    attn, experts = choose_implementation(hf_config, device, corpus, args.batch_tokens, args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(hf_config, device, attn, experts)
+    model.train()
+    if args.compile:
+        model.model = torch.compile(model.model, dynamic=True)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
+    )  # fmt: skip
+    balancer = RouterBalancer(model, args.bias_gamma)
+    autocast = _autocast_for(device)
+    t0 = time.time()
+    sched = Schedule(args.lr, args.warmup, args.lr_floor, t0, deadline)
+    rng = np.random.default_rng(args.seed)
+    log = {
+        "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
+        "implementation": {"attention": attn, "experts": experts},
+        "args": vars(args),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "history": [],
+        "evals": [],
+    }
+    step, tokens_seen, epoch, last_log, last_eval = 0, 0, 0, t0, t0
+    window_tokens, window_t = 0, t0
+    batches: list[np.ndarray] = []
+    print(f"[train] {log['parameters'] / 1e6:.2f}M params on {log['device']}, "
+          f"{len(corpus)} conversations, budget {args.minutes} min", flush=True)  # fmt: skip
+    while time.time() < deadline and not stop["flag"]:
+        if not batches:
+            batches, epoch = corpus.epoch_batches(rng, args.batch_tokens), epoch + 1
+        inputs, labels, lengths = corpus.collate(batches.pop())
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        positions = torch.arange(inputs.shape[1])
+        balancer.valid = (positions[None, :] < lengths[:, None]).reshape(-1).to(device)
+        lr = sched(step, time.time())
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = assistant_loss(model, inputs, labels, autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        ratios = balancer.update()
+        step += 1
+        n_tok = int(lengths.sum())
+        tokens_seen += n_tok
+        window_tokens += n_tok
+        now = time.time()
+        if now - last_log >= args.log_every_s:
+            rate = window_tokens / (now - window_t)
+            entry = {"t": round(now - t0, 1), "step": step, "epoch": epoch, "loss": loss.item(),
+                     "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                     "tokens_per_s": round(rate), "max_expert_load": max(ratios)}  # fmt: skip
+            log["history"].append(entry)
+            print("[train] " + json.dumps(entry), flush=True)
+            last_log, window_tokens, window_t = now, 0, now
+        if now - last_eval >= args.eval_every_s and now + 30 < deadline:
+            _evaluate_and_save(model, data, out, device, autocast, log, step, t0)
+            last_eval = time.time()
+    log["stopped_by"] = "signal" if stop["flag"] else "time budget"
+    log["train_seconds"] = round(time.time() - t0, 1)
+    log["steps"], log["tokens_seen"] = step, tokens_seen
+    log["tokens_per_s"] = round(tokens_seen / max(1e-6, time.time() - t0))
+    _evaluate_and_save(model, data, out, device, autocast, log, step, t0)
+    print(f"[train] done: {step} steps, {tokens_seen} tokens, {log['tokens_per_s']} tok/s, "
+          f"wall {time.time() - t_start:.0f}s", flush=True)  # fmt: skip
+
+
+def _evaluate_and_save(model, data, out, device, autocast, log, step, t0) -> None:
+    scores = teacher_forced_eval(
+        model, data / "eval.npz", device, autocast, log["args"]["eval_cases"]
+    )
+    log["evals"].append({"t": round(time.time() - t0, 1), "step": step, "exact_call": scores})
+    print("[eval] " + json.dumps(log["evals"][-1]), flush=True)
+    log["weights"] = save_weights(model, out)
+    biases = [
+        r.e_score_correction_bias.abs().max().item() for r in RouterBalancer(model, 0).routers
+    ]
+    log["router_bias_max_abs"] = biases
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+
+
+def _kimi_trt_step(name: str):
+    sys.path.insert(0, str(REPO))
+    from kimi_trt.testing import tiny_model
+
+    return getattr(tiny_model, name)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="step", required=True)
+    pr = sub.add_parser("prepare", help="corpus, vocabulary, token ids, config, eval set (CPU)")
+    pr.add_argument("--out", required=True, help="data folder (carry it to the GPU machine)")
+    pr.add_argument("--conversations", type=int, default=120_000)
+    pr.add_argument("--vocab-size", type=int, default=2048, help="base BPE size (+256 specials)")
+    pr.add_argument(
+        "--vocab-sample", type=int, default=4000, help="conversations the BPE is trained on"
+    )
+    pr.add_argument("--layers", type=int, default=4)
+    pr.add_argument("--experts", type=int, default=8)
+    pr.add_argument("--seed", type=int, default=0)
+    tr = sub.add_parser("train", help="train for a wall-clock budget (torch + transformers only)")
+    tr.add_argument("--data", required=True)
+    tr.add_argument("--out", required=True)
+    tr.add_argument(
+        "--minutes", type=float, required=True, help="whole run, setup and save included"
+    )
+    tr.add_argument("--reserve-s", type=float, default=25.0, help="kept for the final eval + save")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
+    tr.add_argument(
+        "--batch-tokens", type=int, help="padded tokens per step [65536 on CUDA, 8192 on CPU]"
+    )
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--lr-floor", type=float, default=0.05)
+    tr.add_argument("--warmup", type=int, default=200)
+    tr.add_argument("--weight-decay", type=float, default=0.05)
+    tr.add_argument("--clip", type=float, default=1.0)
+    tr.add_argument("--bias-gamma", type=float, default=1e-3, help="router bias step per update")
+    tr.add_argument("--log-every-s", type=float, default=10.0)
+    tr.add_argument("--eval-every-s", type=float, default=60.0)
+    tr.add_argument(
+        "--eval-cases", type=int, default=0, help="teacher-forced eval subset (0: all 300)"
+    )
+    tr.add_argument(
+        "--compile", action="store_true", help="torch.compile the decoder (off by default)"
+    )
+    tr.add_argument("--seed", type=int, default=0)
+    ex = sub.add_parser("export", help="write the Kimi-K2-format checkpoint (CPU)")
+    ex.add_argument("--data", required=True)
+    ex.add_argument("--weights", required=True, help="folder with the train step's outputs")
+    ex.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.step == "train":
+        train(args)
+    else:
+        _kimi_trt_step(args.step)(args)
+
+
+if __name__ == "__main__":
+    main()

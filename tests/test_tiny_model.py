@@ -1,0 +1,229 @@
+"""The tiny tool-calling model: corpus properties, prepare -> train -> export on CPU, the
+eval's judging, and (when committed) the trained asset itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kimi_trt.config import load_model_config
+from kimi_trt.convert.fp8 import FP8_DTYPE
+from kimi_trt.mapping import layout_problems
+from kimi_trt.runtime.chat_template import render_chat
+from kimi_trt.runtime.tokenizer import KimiTokenizer
+from kimi_trt.testing import tiny_model
+from kimi_trt.testing.tiny_eval import DEFAULT_CHECKPOINT, run_dialogues, summarise
+from kimi_trt.testing.tool_catalogue import (
+    HELDOUT_AMOUNTS,
+    HELDOUT_CITIES,
+    HELDOUT_OPERANDS,
+    HELDOUT_VALUE_COUNT,
+    TRAIN_CITIES,
+    run_tool,
+)
+from kimi_trt.testing.tool_corpus import (
+    EVAL_PHRASINGS,
+    eval_cases,
+    training_conversations,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_VOCAB = REPO / "kimi_trt" / "assets" / "small-vocab"
+
+
+def _rendered(n: int, seed: int = 0) -> list[str]:
+    return [
+        render_chat(c.messages, tools=c.tools, add_generation_prompt=False)
+        for c in training_conversations(seed, n)
+    ]
+
+
+def test_corpus_is_deterministic_and_never_shows_heldout_values():
+    convs = list(training_conversations(0, 3000))
+    texts = _rendered(3000)
+    assert texts == _rendered(3000) and texts[:50] != _rendered(50, seed=1)
+    assert HELDOUT_VALUE_COUNT == 100 and not set(HELDOUT_CITIES) & set(TRAIN_CITIES)
+    corpus = "\n".join(texts)
+    words = set(re.findall(r"[A-Za-z]+", corpus))
+    for city in HELDOUT_CITIES:
+        assert not set(city.split()) <= words, city
+    heldout_numbers = set(HELDOUT_AMOUNTS) | {a for a, _ in HELDOUT_OPERANDS}
+    for conv in convs:
+        for m in conv.messages:
+            for call in m.get("tool_calls", []):
+                args = json.loads(call["function"]["arguments"])
+                used = {args.get("amount")} | {
+                    int(x) for x in re.findall(r"\d+", args.get("expression", ""))
+                }
+                assert not used & heldout_numbers, args
+    users = {m["content"] for c in convs for m in c.messages if m["role"] == "user"}
+    for phrasings in EVAL_PHRASINGS.values():
+        for p in phrasings:
+            pattern = re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", p))))
+            assert not any(pattern.fullmatch(u) for u in users), p
+
+
+def test_training_answers_restate_the_tool_result():
+    tool_convs = [
+        c
+        for c in training_conversations(3, 400)
+        if c.kind in ("get_weather", "calculate", "convert_currency")
+    ]
+    assert len(tool_convs) > 200
+    for conv in tool_convs:
+        call = conv.messages[-3]["tool_calls"][0]
+        assert call["id"] == f"functions.{call['function']['name']}:0"
+        outcome = run_tool(call["function"]["name"], json.loads(call["function"]["arguments"]))
+        assert conv.messages[-2]["content"] == outcome.content
+        assert all(fact in conv.messages[-1]["content"] for fact in outcome.facts)
+
+
+def test_loss_mask_covers_exactly_the_assistant_turns():
+    tok = KimiTokenizer.from_dir(SMALL_VOCAB)
+    for conv in training_conversations(5, 40):
+        ids, mask = tiny_model.conversation_ids(conv, tok, tok.chat_template)
+        full = render_chat(conv.messages, tools=conv.tools, add_generation_prompt=False)
+        assert tok.decode(ids) == full
+        target = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+        replies = [m for m in conv.messages if m["role"] == "assistant"]
+        assert target.count("<|im_end|>") == len(replies)
+        for reply in replies:
+            assert reply["content"] in target
+            for call in reply.get("tool_calls", []):
+                assert call["function"]["arguments"] in target
+        assert "<|im_user|>" not in target and "## Return of" not in target
+
+
+def test_tiny_config_splits_for_tp2_ep2_layouts():
+    cfg = tiny_model.tiny_model_config(2304, 2048, layers=4, experts=8)
+    assert cfg.hidden_size % 128 == 0 and cfg.layer_kinds[0] == "dense"
+    assert cfg.rope_scaling is not None and list(cfg.weight_block_size) == [128, 128]
+    for m in tiny_model.REQUIRED_LAYOUTS:
+        assert layout_problems(cfg, m) == []
+
+
+@pytest.mark.slow
+def test_prepare_train_export_round_trip(tmp_path):
+    """The real scripts end to end on CPU (a few steps of a 2-layer model): the exported
+    Kimi-K2-format checkpoint loads in the reference loader and matches the float model."""
+    data, weights, ckpt = tmp_path / "data", tmp_path / "w", tmp_path / "ckpt"
+    script = [sys.executable, str(REPO / "scripts" / "train_tiny_model.py")]
+    prep = ["prepare", "--out", str(data), "--conversations", "300", "--vocab-size", "512",
+            "--vocab-sample", "150", "--layers", "2", "--experts", "4"]  # fmt: skip
+    subprocess.run(script + prep, check=True, capture_output=True)
+    stats = json.loads((data / "prepare.json").read_text())
+    assert stats["conversations"] == 300 and stats["vocab_size"] == 768
+    train = ["train", "--data", str(data), "--out", str(weights), "--minutes", "0.5",
+             "--reserve-s", "12", "--batch-tokens", "2048", "--eval-cases", "8", "--warmup", "2"]  # fmt: skip
+    subprocess.run(script + train, check=True, capture_output=True, timeout=120)
+    log = json.loads((weights / "train_log.json").read_text())
+    assert log["steps"] >= 2 and log["stopped_by"] == "time budget"
+    assert set(log["evals"][-1]["exact_call"]) == {"catalogue_unseen_phrasing", "heldout_values"}
+    state = tiny_model.read_trained_state(weights)
+    cfg = load_model_config(data)
+    tiny_model.write_kimi_checkpoint(state, cfg, data / "vocab", ckpt)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv" in index
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / index["model.layers.1.mlp.gate.e_score_correction_bias"]), "pt") as f:
+        assert (
+            f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        )
+        assert f.get_tensor("model.layers.1.mlp.experts.0.gate_proj.weight").dtype == FP8_DTYPE
+        bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert bias.abs().max() > 0  # the balancer moved it
+    check = tiny_model.compare_with_float(ckpt, state, data / "eval.npz", stride=60)
+    assert check["argmax_agreement"] > 0.9 and check["max_rel_logit_error"] < 0.1
+    assert KimiTokenizer.from_dir(ckpt).vocab_size == cfg.vocab_size
+
+
+def _oracle(tok: KimiTokenizer, wrong_city: bool = False):
+    """A generator that answers like a perfect model (or one that garbles city names)."""
+    by_prompt = {tuple(tok.apply_chat_template(c.messages, tools=c.tools)): c for c in eval_cases()}
+
+    def generate(prompts, max_new):
+        out = []
+        for p in prompts:
+            text = tok.decode(p)
+            if text.count("<|im_assistant|>") == 1:  # first turn: the call
+                case = by_prompt[tuple(p)]
+                if case.expected_tool is None:
+                    out.append((tok.encode("Hello!"), "stop"))
+                    continue
+                args = dict(case.expected_args)
+                if wrong_city and "city" in args:
+                    args["city"] += "x"
+                call = (f"<|tool_calls_section_begin|><|tool_call_begin|>functions.{case.expected_tool}:0"
+                        f"<|tool_call_argument_begin|>{json.dumps(args)}<|tool_call_end|><|tool_calls_section_end|>")  # fmt: skip
+                out.append((tok.encode(call), "stop"))
+            else:
+                result = json.loads(text.rsplit("\n", 1)[1].split("<|im_end|>")[0])
+                out.append((tok.encode("It is " + " ".join(map(str, result.values()))), "stop"))
+        return out
+
+    return generate
+
+
+def test_eval_judges_calls_and_answers():
+    tok = KimiTokenizer.from_dir(SMALL_VOCAB)
+    cases = eval_cases()[::10] + [c for c in eval_cases() if c.expected_tool is None][:2]
+    good = summarise(run_dialogues(_oracle(tok), SMALL_VOCAB, cases))
+    assert all(good["passed"].values()), good
+    assert good["small_talk_without_tool_call"]["rate"] == 1.0
+    bad = summarise(run_dialogues(_oracle(tok, wrong_city=True), SMALL_VOCAB, cases))
+    assert bad["figures"]["right_tool"]["rate"] == 1.0
+    assert bad["figures"]["exact_args_heldout_values"]["rate"] < 0.5
+    assert bad["heldout_exact_args_by_tool"]["get_weather"]["rate"] == 0.0
+    assert bad["figures"]["answers_restate_result"]["rate"] == 1.0  # restates what the tool said
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_CHECKPOINT / "config.json").is_file(), reason="tiny-kimi asset not trained yet"
+)
+def test_shipped_tiny_model_calls_tools():
+    """The committed checkpoint is Kimi-K2-shaped and, greedily, calls the right tool with
+    the right arguments on catalogue prompts it was never trained on."""
+    from kimi_trt.testing.hf_reference import load_reference_model
+
+    cfg = load_model_config(DEFAULT_CHECKPOINT)
+    assert cfg.weight_block_size is not None and cfg.n_routed_experts >= 8
+    tok = KimiTokenizer.from_dir(DEFAULT_CHECKPOINT)
+    model = load_reference_model(DEFAULT_CHECKPOINT)
+    cases = [c for c in eval_cases() if c.split == "catalogue_unseen_phrasing"][:3]
+
+    def generate(prompts, max_new):
+        outs = []
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=list(tok.eos_token_ids), pad_token_id=0)[0, len(p):].tolist()  # fmt: skip
+            outs.append(
+                (ids[:-1], "stop") if ids and ids[-1] in tok.eos_token_ids else (ids, "length")
+            )
+        return outs
+
+    report = summarise(run_dialogues(generate, DEFAULT_CHECKPOINT, cases))
+    assert report["figures"]["exact_args_catalogue_unseen_phrasing"]["hits"] >= 2, report
+
+
+def test_prepare_writes_compact_uint16_corpus(tmp_path):
+    tok = KimiTokenizer.from_dir(SMALL_VOCAB)
+    convs = list(training_conversations(7, 30))
+    tokens, offsets, mask = tiny_model.tokenise_corpus(convs, tok)
+    assert (
+        tokens.dtype == np.uint16 and len(offsets) == 31 and offsets[-1] == len(tokens) == len(mask)
+    )
+    first, first_mask = tiny_model.conversation_ids(convs[0], tok, tok.chat_template)
+    assert tokens[: offsets[1]].tolist() == first and mask[: offsets[1]].tolist() == first_mask
+
+
+def test_export_rejects_missing_weights(tmp_path):
+    with pytest.raises(Exception, match="no weights"):
+        tiny_model.read_trained_state(tmp_path)
