@@ -250,3 +250,11 @@ def test_trtllm_without_gpu_stops_at_compile_with_the_finishing_command(tiny_ckp
 def test_stop_after_rejects_unknown_stage(tmp_path):
     r = kimi("build", "--config", str(tmp_path / "x.yaml"), "--stop-after", "link")
     assert r.returncode == 2 and "link" in r.stderr
+
+
+def test_output_dir_holding_other_files_is_refused(tiny_ckpt, tmp_path):
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "notes.txt").write_text("mine")
+    cfg = write_config(tmp_path, "tiny_cpu_tp2", tiny_ckpt)
+    assert_refused(kimi("build", "--config", str(cfg)), 2, "not written by kimi-trt build")
+    assert sorted(p.name for p in (tmp_path / "engine").iterdir()) == ["notes.txt"]

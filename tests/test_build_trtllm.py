@@ -3,6 +3,8 @@ rules, the checkpoint -> network weight adaptation, engine-build settings, shipp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +16,7 @@ from kimi_trt.plan import make_plan
 from kimi_trt.trtllm.compile import (
     build_settings,
     missing_capability,
+    prepare_trtllm_checkpoint,
     rank_assignment,
     trtllm_build_command,
     trtllm_pretrained_dict,
@@ -100,6 +103,12 @@ def test_adapt_rank_weights_on_a_converted_rank(tiny_ckpt, tmp_path):
         fc: (e_local, h, two_i),
         layer + "mlp.fc.per_channel_scale": (e_local, two_i),
     }
+    trt_ckpt = prepare_trtllm_checkpoint(tmp_path, tmp_path / "trt")
+    assert (trt_ckpt / "rank1.safetensors").resolve() == (tmp_path / "rank1.safetensors").resolve()
+    trt_cfg = json.loads((trt_ckpt / "config.json").read_text())
+    assert trt_cfg["quantization"]["quant_algo"] is None
+    assert trt_cfg["kimi_trt"]["weight_formats"]["experts"] == "int8_wo"
+
     out = adapt_rank_weights(w, required, d, torch.bfloat16, preprocess_int8=lambda q: q)
     assert torch.equal(out[fc], w[fc].transpose(1, 2))
     assert out[layer + "mlp.fc.per_channel_scale"].dtype == torch.bfloat16

@@ -21,6 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from kimi_trt.build import STATE_DIR
 from kimi_trt.config import BuildConfig
 from kimi_trt.errors import CheckpointError
 
@@ -106,8 +107,22 @@ def rank_assignment(world: int, gpus: int, mpi_rank: int = 0, mpi_size: int = 1)
     return {r: r % gpus for r in mine}
 
 
+def prepare_trtllm_checkpoint(ckpt: Path, dest: Path) -> Path:
+    """`dest` = the per-rank checkpoint as TensorRT-LLM reads it: our config.json made
+    `PretrainedConfig`-ready (`trtllm_pretrained_dict`) next to links to the rank files.
+    Our builder and `trtllm-build --checkpoint_dir dest` then load exactly the same thing."""
+    raw = json.loads((ckpt / ENGINE_CONFIG).read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / ENGINE_CONFIG).write_text(json.dumps(trtllm_pretrained_dict(raw), indent=2))
+    for rank in range(raw["mapping"]["world_size"]):
+        link = dest / f"rank{rank}.safetensors"
+        link.unlink(missing_ok=True)
+        link.symlink_to((ckpt / link.name).resolve())
+    return dest
+
+
 def _build_rank(rank: int, gpu: int, ckpt: str, out: str, settings: dict[str, Any]) -> str:
-    """Build and save one rank's engine (runs in a worker process bound to `gpu`)."""
+    """Build and save one rank's engine, as trtllm-build's `build_and_save` does."""
     import torch
 
     torch.cuda.set_device(gpu)
@@ -117,8 +132,7 @@ def _build_rank(rank: int, gpu: int, ckpt: str, out: str, settings: dict[str, An
 
     from kimi_trt.trtllm.model import KimiK2ForCausalLM
 
-    raw = json.loads((Path(ckpt) / ENGINE_CONFIG).read_text())
-    config = PretrainedConfig.from_dict(trtllm_pretrained_dict(raw))
+    config = PretrainedConfig.from_json_file(str(Path(ckpt) / ENGINE_CONFIG))
     model = KimiK2ForCausalLM.from_checkpoint(ckpt, rank=rank, config=config)
     build_config = TrtBuildConfig(**settings["build_config"])
     for key, value in settings["plugins"].items():
@@ -148,6 +162,7 @@ def compile_engines(ckpt: Path, out: Path, build: BuildConfig, log=print) -> lis
 
     cfg = read_rank_config(ckpt)
     world = cfg.world_size
+    ckpt = prepare_trtllm_checkpoint(ckpt, out / STATE_DIR / "trtllm-checkpoint")
     mpi_rank, mpi_size, barrier = _mpi()
     todo = rank_assignment(world, torch.cuda.device_count(), mpi_rank, mpi_size)
     settings = build_settings(build)
