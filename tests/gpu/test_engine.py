@@ -22,8 +22,12 @@ pytest.importorskip(
 
 from kimi_trt.build import run_build  # noqa: E402
 from kimi_trt.config import load_model_config  # noqa: E402
+from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 from kimi_trt.testing.hf_reference import load_reference_model  # noqa: E402
 
+# TensorRT-LLM's MLA kernels are specialised for DeepSeek's head sizes (latent 512 +
+# rope 64 = one 576-wide KV head, nope/v 128): the tiny model gets exactly those.
+K2_MLA = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "v_head_dim": 128}
 PROMPT = [5, 17, 300, 42, 7, 99, 1000, 3]
 STEPS = 6
 
@@ -33,9 +37,16 @@ def _gpu_name() -> str:
     return "b200" if major >= 10 else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
 
 
-def _build(tiny_ckpt, tmp_path, experts: str):
+@pytest.fixture(scope="module")
+def mla_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_k2_mla")
+    write_synthetic_checkpoint(preset_config("tiny", overrides=K2_MLA), out, seed=0, progress=False)
+    return out
+
+
+def _build(ckpt, tmp_path, experts: str):
     cfg = {
-        "checkpoint": str(tiny_ckpt),
+        "checkpoint": str(ckpt),
         "output_dir": str(tmp_path / "engine"),
         "gpu": _gpu_name(),
         "backend": "trtllm",
@@ -57,11 +68,11 @@ def _build(tiny_ckpt, tmp_path, experts: str):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("experts, min_cos", [("bf16", 0.995), ("int8_wo", 0.98)])
-def test_engine_logits_match_transformers(tiny_ckpt, tmp_path, experts, min_cos):
+def test_engine_logits_match_transformers(mla_ckpt, tmp_path, experts, min_cos):
     from tensorrt_llm.runtime import ModelRunner
 
-    engine_dir = _build(tiny_ckpt, tmp_path, experts)
-    model_cfg = load_model_config(tiny_ckpt)
+    engine_dir = _build(mla_ckpt, tmp_path, experts)
+    model_cfg = load_model_config(mla_ckpt)
     runner = ModelRunner.from_dir(engine_dir=str(engine_dir), rank=0)
     out = runner.generate(
         [torch.tensor(PROMPT, dtype=torch.int32)],
@@ -81,7 +92,7 @@ def test_engine_logits_match_transformers(tiny_ckpt, tmp_path, experts, min_cos)
     assert steps >= 1
     logits = logits[:steps, : model_cfg.vocab_size].cpu()
 
-    ref_model = load_reference_model(tiny_ckpt)
+    ref_model = load_reference_model(mla_ckpt)
     with torch.no_grad():
         ref = ref_model(torch.tensor([PROMPT + tokens[: steps - 1]])).logits[0, len(PROMPT) - 1 :]
     cos = torch.nn.functional.cosine_similarity(logits, ref.float(), dim=-1)
