@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from kimi_trt.config import (
     BuildConfig,
     Limits,
     ModelConfig,
     Parallelism,
+    WeightFormat,
     WeightFormats,
     load_build_config,
     load_model_config,
@@ -235,6 +236,8 @@ class Plan:
     reason: str = ""
     notes: list[str] = field(default_factory=list)
     suggestion: Plan | None = None
+    # weight bytes per rank by class if every linear class were stored in one format
+    by_format: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -387,11 +390,30 @@ def smallest_fitting_layout(
     return None
 
 
+LINEAR_FORMATS: tuple[str, ...] = get_args(WeightFormat)
+_LINEAR_CLASSES = ("attention", "dense_mlp", "shared_expert", "experts")
+
+
+def weights_by_format(build: BuildConfig, model: ModelConfig) -> dict[str, dict[str, int]]:
+    """Rank 0's weight bytes by class with every linear class in each format in turn (the
+    what-if of the `weights:` section); empty when the layout cannot split the model."""
+    mapping = Mapping.from_parallelism(build.parallelism)
+    if layout_problems(model, mapping):
+        return {}
+    out = {}
+    for fmt in LINEAR_FORMATS:
+        formats = build.weights.model_copy(update=dict.fromkeys(_LINEAR_CLASSES, fmt))
+        got = rank_weight_bytes(model, mapping, formats, 0)
+        out[fmt] = {c: got[c] for c in _LINEAR_CLASSES}
+    return out
+
+
 def make_plan(build: BuildConfig, model: ModelConfig) -> Plan:
     """The plan of `build` on its device, with the smallest layout that fits that device."""
     device = device_spec(build.gpu)
     plan = _plan_layout(build, model, device, all_ranks=True)
     plan.suggestion = smallest_fitting_layout(build, model, device)
+    plan.by_format = weights_by_format(build, model)
     if not plan.fits:
         if device.shared_memory:
             plan.reason += "; the ranks of one host share its RAM, so more ranks do not help"
@@ -438,6 +460,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "system_kv_tokens": plan.system_kv_tokens,
         "limits": plan.limits.model_dump(),
         "notes": plan.notes,
+        "weights_by_format_per_rank": plan.by_format,
         "suggestion": None,
     }
     s = plan.suggestion
@@ -457,6 +480,20 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 def _gb(n: int) -> str:
     return f"{n / GB:10.2f} GB"
+
+
+def _render_by_format(by_format: dict[str, dict[str, int]]) -> list[str]:
+    if not by_format:
+        return []
+    fmts = list(by_format)
+    lines = [
+        "",
+        "weights per rank (GB) if a class were stored as:",
+        f"  {'':<15}" + "".join(f"{f:>11}" for f in fmts),
+    ]
+    for cls in _LINEAR_CLASSES:
+        lines.append(f"  {cls:<15}" + "".join(f"{by_format[f][cls] / GB:11.2f}" for f in fmts))
+    return lines
 
 
 def render_plan(plan: Plan) -> str:
@@ -496,7 +533,7 @@ def render_plan(plan: Plan) -> str:
             f"smallest layout that fits a {plan.device.label}: {s.layout} ({s.where()}), "
             f"{s.rank.weights / GB:.1f} GB weights per rank, {s.system_kv_tokens:,} KV tokens in all"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + _render_by_format(plan.by_format))
 
 
 def load_plan(config_path: str | Path, model_config: str | Path | None = None) -> Plan:

@@ -168,6 +168,10 @@ def test_k2_routed_expert_bytes_per_ep8_rank(k2):
     assert plan.rank.weights_by_class["experts"] == fp8 + scales
     # every source byte of the experts lands on exactly one rank (copied as-is)
     assert 8 * (fp8 + scales) == plan.source.bytes_by_class["experts"]
+    # what-if formats: bf16 doubles the bytes and drops the scales
+    assert plan.by_format["fp8_block"]["experts"] == fp8 + scales
+    assert plan.by_format["bf16"]["experts"] == 2 * fp8
+    assert plan.by_format["fp32"]["attention"] == 2 * plan.by_format["bf16"]["attention"]
 
 
 def test_k2_ep8_fits_b200_not_h100(k2):
