@@ -52,7 +52,7 @@ def stage_plan(ctx: BuildContext) -> StageResult:
         ctx.log(f"  {line}")
     require_fit(plan)
     require_clean_output(build)
-    for note in support_notes(build):
+    for note in support_notes(build, ctx.model):
         ctx.log(f"[plan] note: {note}")
     path = _write_json(ctx.out / STATE_DIR / "plan.json", plan_to_dict(plan))
     return [path], {"summary": f"{plan.layout} on {plan.device.label}: {plan.reason}"}

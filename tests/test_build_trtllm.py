@@ -37,9 +37,15 @@ def test_shipped_gpu_configs_are_supported_and_fit(name):
     assert str(build.checkpoint).startswith(str(REPO))  # relative paths resolve from the YAML
 
 
-def test_blackwell_mla_is_flagged_not_refused():
+def test_blackwell_and_odd_mla_sizes_are_flagged_not_refused(tiny_ckpt):
     build = load_build_config(REPO / "build_configs" / "b200_ep8.yaml")
-    assert any("sm100" in n for n in support_notes(build))
+    k2, tiny = load_model_config(K2_CONFIG), load_model_config(tiny_ckpt)
+    assert [n for n in support_notes(build, k2) if "sm100" in n] and len(
+        support_notes(build, k2)
+    ) == 1
+    h200 = load_build_config(REPO / "build_configs" / "h200_ep8.yaml")
+    assert support_notes(h200, k2) == []
+    assert "kv_lora_rank" in support_notes(h200, tiny)[0]
 
 
 @pytest.mark.parametrize(

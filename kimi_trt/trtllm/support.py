@@ -21,7 +21,7 @@ The facts, from TensorRT-LLM 1.2's sources:
 
 from __future__ import annotations
 
-from kimi_trt.config import BuildConfig
+from kimi_trt.config import BuildConfig, ModelConfig
 
 LINEAR_CLASSES = ("attention", "dense_mlp", "shared_expert", "experts")
 TRTLLM_FORMATS: dict[str, tuple[str, ...]] = {
@@ -90,12 +90,30 @@ def support_problems(build: BuildConfig) -> list[str]:
     return out
 
 
-def support_notes(build: BuildConfig) -> list[str]:
+# Head sizes of DeepSeek-V2/V3 and Kimi-K2, the ones TensorRT-LLM's MLA kernels are built for.
+DEEPSEEK_MLA = {
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+}
+
+
+def support_notes(build: BuildConfig, model: ModelConfig) -> list[str]:
     """Things that are allowed but unconfirmed upstream (logged, not refused)."""
-    if build.backend == "trtllm" and build.gpu in BLACKWELL:
-        return [
+    if build.backend != "trtllm":
+        return []
+    notes = []
+    if build.gpu in BLACKWELL:
+        notes.append(
             "TensorRT-LLM's DeepSeek-V2 engine example states its MLA kernel supports Hopper "
             f"(sm90) only; {build.gpu} (sm100) in the engine workflow is unconfirmed - run "
             "tests/gpu/test_engine.py on the target first, or use backend: torch"
-        ]
-    return []
+        )
+    odd = {k: getattr(model, k) for k, v in DEEPSEEK_MLA.items() if getattr(model, k) != v}
+    if odd:
+        notes.append(
+            f"MLA sizes {odd} differ from DeepSeek's {DEEPSEEK_MLA}, which TensorRT-LLM's MLA "
+            "kernels are built for; the engine build may reject them"
+        )
+    return notes
