@@ -39,6 +39,7 @@ from kimi_trt.mapping import Mapping
 
 STAGES = ("plan", "convert", "compile", "package")
 STATE_DIR = ".kimi-build"
+INPUTS_CHANGED = "its inputs changed"
 ENGINE_MANIFEST = MANIFEST
 # Tokenizer and chat files a Kimi-K2 checkpoint ships (copied when present).
 TOKENIZER_FILES = (
@@ -233,7 +234,7 @@ def _verified(ctx: BuildContext, stage: str) -> str | None:
     if entry is None:
         return "not done yet"
     if entry.get("key") != ctx.keys[stage]:
-        return "its inputs changed"
+        return INPUTS_CHANGED
     return ctx.sums.mismatch(ctx.out, entry.get("files", {}))
 
 
@@ -254,7 +255,7 @@ def run_stage(ctx: BuildContext, stage: str, fn: Callable[[BuildContext], tuple[
         ctx.log(f"[{stage}] skipped: outputs verify ({report.seconds:.2f}s)")
     else:
         ctx.log(f"[{stage}] running ({why})")
-        if why == "its inputs changed":
+        if why == INPUTS_CHANGED:
             _remove_recorded(ctx, stage)
         else:
             ctx.state.forget(stage)
@@ -300,11 +301,12 @@ def copy_file(src: Path, dst: Path, link: bool) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    try:
-        if not link:
-            raise OSError
-        os.link(src, tmp)
-    except OSError:
+    if link:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or links not supported: copy instead
+            shutil.copy2(src, tmp)
+    else:
         shutil.copy2(src, tmp)
     os.replace(tmp, dst)
     return dst
