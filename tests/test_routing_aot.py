@@ -17,7 +17,11 @@ import sys
 
 import pytest
 
-from kimi_trt.plugins.routing_triton import drop_unused_trailing_params, ptx_entry_params
+from kimi_trt.plugins.routing_triton import (
+    DEFAULT_LAUNCH,
+    drop_unused_trailing_params,
+    ptx_entry_params,
+)
 
 _COMPILE = """
 import dataclasses, json, sys, torch
@@ -47,7 +51,8 @@ def test_entry_has_exactly_the_tensorrt_parameters(kernels):
     types = [p.split()[1] for p in ptx_entry_params(kern["ptx"])]
     assert types == [".u64", ".u64", ".u32", ".u64", ".u64"]  # logits, bias, T, ids, scales
     assert ".version 8.4" in kern["ptx"] and ".target sm_90a" in kern["ptx"]
-    assert kern["block_x"] == 128 and f".reqntid {kern['block_x']}" in kern["ptx"]
+    assert kern["block_x"] == 32 * DEFAULT_LAUNCH.num_warps
+    assert f".reqntid {kern['block_x']}" in kern["ptx"]
     assert kern["name"] == "noaux_tc_router_kernel"
 
 

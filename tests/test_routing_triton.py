@@ -64,7 +64,7 @@ def test_kernel_matches_reference(e, k, g, tg, t, dtype):
 
 
 @pytest.mark.parametrize(
-    "launch", [rt.LaunchConfig(1, 1), rt.LaunchConfig(2, 1), rt.LaunchConfig(8, 4)]
+    "launch", [rt.LaunchConfig(1, 1), rt.LaunchConfig(4, 4), rt.LaunchConfig(8, 2)]
 )
 def test_launch_configs_agree(launch):
     gen = torch.Generator().manual_seed(11)
@@ -85,6 +85,7 @@ def test_adversarial_inputs(case):
         _check_equal(logits.to(torch.bfloat16), bias, params)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # -FLT_MAX + -FLT_MAX: intended
 def test_nan_logits_still_give_distinct_in_range_ids():
     logits = torch.randn(4, 256)
     logits[0] = float("nan")
