@@ -289,10 +289,55 @@ def run_build(config_path: Path, stop_after: str | None = None, log: Log = print
     if stop_after is not None and stop_after not in STAGES:
         raise UserError(f"--stop-after {stop_after!r}: expected one of {', '.join(STAGES)}")
     ctx = load_context(Path(config_path), log)
-    for stage in STAGES:
+    stages = STAGES[: STAGES.index(stop_after) + 1] if stop_after else STAGES
+    mpi_rank, mpi_size = _mpi_place()
+    if mpi_size > 1:
+        return _run_build_mpi(ctx, stages, mpi_rank)
+    for stage in stages:
         run_stage(ctx, stage, STAGE_FUNCTIONS[stage])
-        if stage == stop_after:
-            break
+    return BuildResult(ctx.out, ctx.reports)
+
+
+def _mpi_place() -> tuple[int, int]:
+    """(rank, size) when started by an MPI launcher, else (0, 1)."""
+    from kimi_trt.runtime.launch import detect_rank_info
+
+    info = detect_rank_info()
+    return info.rank, info.world_size
+
+
+def _run_build_mpi(ctx: BuildContext, stages: tuple[str, ...], mpi_rank: int) -> BuildResult:
+    """Under mpirun: every process compiles its share of the engines; nothing else runs twice.
+
+    Plan and convert must already be done (they are single-process work): a one-process
+    `kimi-trt build --stop-after convert` first. Each process verifies that (read-only),
+    builds the engines r with r % size == its rank (kimi_trt.trtllm.compile), then MPI
+    rank 0 alone records the stage and packages. A failing process makes mpirun stop the job.
+    """
+    from kimi_trt.build_stages import STAGE_FUNCTIONS
+
+    for stage in ("plan", "convert"):
+        why = _verified(ctx, stage)
+        if why is not None:
+            raise ConfigError(
+                f"under mpirun, kimi-trt build only compiles; its {stage} stage is not done ({why}): "
+                f"run `kimi-trt build --config {ctx.config_path} --stop-after convert` as one "
+                "process first"
+            )
+        ctx.reports.append(StageReport(stage, "skipped", 0.0, "verified"))
+    if "compile" in stages:
+        if mpi_rank == 0 or ctx.build.backend == "trtllm":
+            t0 = time.perf_counter()
+            outputs, info = STAGE_FUNCTIONS["compile"](ctx)
+            ctx.reports.append(
+                StageReport("compile", "ran", time.perf_counter() - t0, info["summary"])
+            )
+            if mpi_rank == 0:
+                ctx.state.complete(
+                    "compile", ctx.keys["compile"], ctx.sums.record(ctx.out, outputs), info
+                )
+        if mpi_rank == 0 and "package" in stages:
+            run_stage(ctx, "package", STAGE_FUNCTIONS["package"])
     return BuildResult(ctx.out, ctx.reports)
 
 

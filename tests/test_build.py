@@ -258,3 +258,19 @@ def test_output_dir_holding_other_files_is_refused(tiny_ckpt, tmp_path):
     cfg = write_config(tmp_path, "tiny_cpu_tp2", tiny_ckpt)
     assert_refused(kimi("build", "--config", str(cfg)), 2, "not written by kimi-trt build")
     assert sorted(p.name for p in (tmp_path / "engine").iterdir()) == ["notes.txt"]
+
+
+def test_build_under_mpirun_compiles_after_a_single_process_convert(tiny_ckpt, tmp_path):
+    cfg = write_config(tmp_path, "tiny_cpu_ep2", tiny_ckpt)
+    mpirun = [str(Path(sys.executable).parent / "mpirun"), "-np", "2", "--oversubscribe"]
+    env = {**cli_env(), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    build = [*mpirun, sys.executable, "-m", "kimi_trt.cli", "build", "--config", str(cfg)]
+    r = subprocess.run(build, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "--stop-after convert` as one process first" in r.stderr
+    assert kimi("build", "--config", str(cfg), "--stop-after", "convert").returncode == 0
+    r = subprocess.run(build, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "engine" / "manifest.json").read_text())
+    assert {"rank0.safetensors", "rank1.safetensors"} <= set(manifest["files"])
+    again, _ = quiet_build(cfg)
+    assert again.ran == []  # what the MPI run recorded verifies in a plain rerun

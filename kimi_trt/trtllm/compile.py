@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -110,14 +111,26 @@ def rank_assignment(world: int, gpus: int, mpi_rank: int = 0, mpi_size: int = 1)
 def prepare_trtllm_checkpoint(ckpt: Path, dest: Path) -> Path:
     """`dest` = the per-rank checkpoint as TensorRT-LLM reads it: our config.json made
     `PretrainedConfig`-ready (`trtllm_pretrained_dict`) next to links to the rank files.
-    Our builder and `trtllm-build --checkpoint_dir dest` then load exactly the same thing."""
+    Our builder and `trtllm-build --checkpoint_dir dest` then load exactly the same thing.
+    Idempotent, so every MPI process of a build may call it."""
     raw = json.loads((ckpt / ENGINE_CONFIG).read_text())
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / ENGINE_CONFIG).write_text(json.dumps(trtllm_pretrained_dict(raw), indent=2))
+    text = json.dumps(trtllm_pretrained_dict(raw), indent=2)
+    cfg = dest / ENGINE_CONFIG
+    if not cfg.is_file() or cfg.read_text() != text:
+        tmp = dest / f"{ENGINE_CONFIG}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        tmp.replace(cfg)
     for rank in range(raw["mapping"]["world_size"]):
         link = dest / f"rank{rank}.safetensors"
+        target = (ckpt / link.name).resolve()
+        if link.is_symlink() and link.resolve() == target:
+            continue
         link.unlink(missing_ok=True)
-        link.symlink_to((ckpt / link.name).resolve())
+        try:
+            link.symlink_to(target)
+        except FileExistsError:  # another MPI process made the same link
+            pass
     return dest
 
 
