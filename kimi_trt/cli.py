@@ -190,6 +190,8 @@ def build(config_path: Path, stop_after: str | None) -> None:
     package  tokenizer files + manifest.json
     Rerunning skips every stage whose outputs still verify (checksums + config hash) and
     redoes the stages a changed config affects. Progress and timings go to stderr.
+    Multi-host engine builds: `--stop-after convert` once, then
+    `mpirun -np N kimi-trt build --config YAML`: each process compiles its share.
     """
     from kimi_trt.build import run_build
 
@@ -252,6 +254,105 @@ def run(
     )
     src = PromptSource(prompt, chat, prompt_ids, input_file)
     sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir))
+
+
+@main.command("triton-repo")
+@click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository dir.")
+@click.option("--tokenizer-dir", type=click.Path(path_type=Path), help="Default: the engine dir's.")
+@click.option("--no-streaming", is_flag=True, help="Not decoupled: one response per request.")
+@click.option("--max-batch-size", "triton_max_batch_size", type=int, help="Default: the engine's.")
+@click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True)
+@click.option(
+    "--batch-scheduler-policy",
+    type=click.Choice(["guaranteed_no_evict", "max_utilization"]),
+    default="guaranteed_no_evict",
+    show_default=True,
+)
+@click.option(
+    "--batching-strategy",
+    type=click.Choice(["inflight_fused_batching", "V1"]),
+    default="inflight_fused_batching",
+    show_default=True,
+)
+@click.option("--enable-kv-cache-reuse", is_flag=True)
+@click.option("--enable-chunked-context", is_flag=True)
+@click.option("--gpu-device-ids", help="Comma-separated, one per rank [default: 0..world-1].")
+@click.option("--batch-window-ms", type=float, default=5.0, show_default=True, help="torch model.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def triton_repo(engine_dir, out, tokenizer_dir, no_streaming, force, **options) -> None:
+    """Write a Triton model repository for an engine dir.
+
+    \b
+    TensorRT-LLM engines: tensorrtllm_backend's inflight-batching layout (preprocessing,
+    tensorrt_llm, postprocessing, ensemble) with every tensorrt_llm parameter filled in.
+    torch-executor engine dirs: `kimi` (decoupled Python model running our runtime,
+    streams tokens) and `kimi_sync` (one response per request, for HTTP clients).
+    Then: kimi-trt triton-server --model-repository OUT
+    """
+    from kimi_trt.runtime.serving.cli_support import triton_repo_command
+
+    click.echo(
+        triton_repo_command(
+            engine_dir,
+            out,
+            force,
+            tokenizer_dir=tokenizer_dir,
+            streaming=not no_streaming,
+            **options,
+        )
+    )
+
+
+@main.command("triton-server")
+@click.option("--model-repository", "repo", type=click.Path(path_type=Path), required=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log.")
+def triton_server(repo, host, http_port, grpc_port, metrics_port, log_file) -> None:
+    """Run the tritonserver bundled with nvidia-pytriton on a repository from triton-repo.
+
+    Multi-rank engines start in leader mode: one process per rank under mpirun, rank 0
+    serves. Runs until interrupted (Ctrl-C / SIGTERM stop it cleanly).
+    """
+    from kimi_trt.runtime.serving.cli_support import triton_server_command
+
+    sys.exit(triton_server_command(repo, host, http_port, grpc_port, metrics_port, log_file))
+
+
+@main.command("triton-worker", hidden=True)
+@click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
+def triton_worker(engine_dir) -> None:
+    """Rank > 0 of a leader-mode Triton job (started by triton-server)."""
+    from kimi_trt.runtime.serving.cli_support import triton_worker_command
+
+    triton_worker_command(engine_dir)
+
+
+@main.command()
+@click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--triton", "triton_url", metavar="HOST:PORT", help="Use this Triton (gRPC).")
+@click.option("--triton-model", help="Triton model [default: kimi or tensorrt_llm].")
+@click.option("--model-name", default="kimi-k2", show_default=True, help="Served model id.")
+@click.option("--batch-window-ms", type=float, default=5.0, show_default=True)
+@click.option("--default-max-tokens", type=int, default=1024, show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def serve(engine_dir, host, port, triton_url, triton_model, model_name, **options) -> None:
+    """OpenAI-compatible API (+ Anthropic /v1/messages) for an engine dir.
+
+    \b
+    GET  /health /metrics /v1/models
+    POST /v1/chat/completions /v1/completions /v1/messages
+    Tokens come from the runtime in this process (multi-rank: run under mpirun, rank 0
+    serves) or, with --triton, from a Triton server holding this engine's repository.
+    """
+    from kimi_trt.runtime.openai_server import serve as run_server
+
+    run_server(engine_dir, host, port, triton_url, triton_model, model_name, **options)
 
 
 if __name__ == "__main__":
