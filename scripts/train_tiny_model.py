@@ -85,15 +85,20 @@ class Corpus:
         return torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(lengths - 1)
 
 
+def routers_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The noaux_tc routers (modules holding an e_score_correction_bias)."""
+    return [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+
+
 class RouterBalancer:
     """DeepSeek-V3's aux-loss-free balancing: after each step, raise the selection bias of
     under-loaded experts and lower it for over-loaded ones by `gamma` (sign of the error)."""
 
     def __init__(self, model: torch.nn.Module, gamma: float):
         self.gamma = gamma
-        self.valid: torch.Tensor | None = None
-        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
-        self.counts = [torch.zeros(len(r.e_score_correction_bias)) for r in self.routers]
+        self.valid: torch.Tensor | None = None  # flattened [B*T] mask of real (non-pad) tokens
+        self.routers = routers_of(model)
+        self.counts: list[torch.Tensor | None] = [None] * len(self.routers)
         for k, r in enumerate(self.routers):
             r.register_forward_hook(self._hook(k))
 
@@ -109,27 +114,44 @@ class RouterBalancer:
 
         return record
 
-    def update(self) -> list[float]:
-        """Apply one bias step; returns each layer's max/mean load ratio (1.0 = balanced)."""
-        ratios = []
+    def update(self) -> None:
+        """One bias step per router (stays on the device: no synchronisation)."""
         with torch.no_grad():
             for router, counts in zip(self.routers, self.counts, strict=True):
-                counts = counts.to(router.e_score_correction_bias.device)
-                mean = counts.mean().clamp(min=1.0)
-                router.e_score_correction_bias += self.gamma * torch.sign(mean - counts)
-                ratios.append(float(counts.max() / mean))
-        return ratios
+                if counts is not None:
+                    mean = counts.mean().clamp(min=1.0)
+                    router.e_score_correction_bias += self.gamma * torch.sign(mean - counts)
+
+    def load_ratios(self) -> list[float]:
+        """Each layer's max/mean expert load in the last step (1.0 = balanced)."""
+        return [float(c.max() / c.mean().clamp(min=1.0)) for c in self.counts if c is not None]
 
 
 def build_model(hf_config: dict, device: torch.device, attn: str, experts: str | None):
+    """DeepseekV3ForCausalLM from the prepared config, checked to have Kimi's YaRN rope and
+    softmax scale (a transformers release that ignored the rope fields would otherwise
+    train a model the export describes wrongly)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(**hf_config)
+    fields = {k: v for k, v in hf_config.items() if k != "expected_rope"}
+    cfg = DeepseekV3Config(**fields)
     cfg._attn_implementation = attn
     if experts is not None:
         cfg._experts_implementation = experts
     cfg.use_cache = False
-    return DeepseekV3ForCausalLM(cfg).to(device)
+    model = DeepseekV3ForCausalLM(cfg).to(device)
+    expected = hf_config.get("expected_rope")
+    if expected is not None:
+        inv_freq = model.model.rotary_emb.inv_freq.float().cpu()
+        scale = model.model.layers[0].self_attn.scaling
+        if not torch.allclose(inv_freq, torch.tensor(expected["inv_freq"]), rtol=1e-4) or not (
+            math.isclose(scale, expected["softmax_scale"], rel_tol=1e-4)
+        ):
+            raise RuntimeError(
+                f"this transformers builds a different rope/softmax scale than the config "
+                f"(scale {scale} vs {expected['softmax_scale']}); refusing to train"
+            )
+    return model
 
 
 def assistant_loss(model, inputs, labels, autocast) -> torch.Tensor:
@@ -158,8 +180,8 @@ def choose_implementation(hf_config, device, corpus, batch_tokens, seed) -> tupl
     idx = corpus.epoch_batches(np.random.default_rng(seed), batch_tokens)[0]
     inputs, labels, _ = (t.to(device) for t in corpus.collate(idx))
     timings = {}
-    for attn, experts in (("sdpa", "grouped_mm"), ("sdpa", "batched_mm"), ("sdpa", None),
-                          ("eager", None)):  # fmt: skip
+    # (batched_mm is left out: it gathers one weight copy per token, ~70 GB at this batch)
+    for attn, experts in (("sdpa", "grouped_mm"), ("sdpa", None), ("eager", None)):
         try:
             torch.manual_seed(seed)
             model = build_model(hf_config, device, attn, experts)
@@ -269,38 +291,67 @@ class Schedule:
         return self.peak * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _device(name: str, threads: int) -> torch.device:
+    device = torch.device(
+        name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    return device
+
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device):
+    """AdamW, weight decay on matrices only; fused kernels on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda"
+    )
+
+
+def _step(model, opt, balancer, corpus, idx, lr, device, autocast, clip) -> tuple:
+    """One optimiser step on one batch; returns (loss, grad_norm, real tokens) without syncing."""
+    inputs, labels, lengths = corpus.collate(idx)
+    inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    positions = torch.arange(inputs.shape[1])
+    balancer.valid = (positions[None, :] < lengths[:, None]).reshape(-1).to(device)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = assistant_loss(model, inputs, labels, autocast)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    balancer.update()
+    return loss, grad_norm, int(lengths.sum())
+
+
 def train(args: argparse.Namespace) -> None:
+    """Train until the wall-clock budget (or SIGTERM), evaluating and saving every minute."""
     t_start = time.time()
     deadline = t_start + args.minutes * 60 - args.reserve_s
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.batch_tokens is None:
-        args.batch_tokens = 65536 if device.type == "cuda" else 8192
+    device = _device(args.device, args.threads)
+    args.batch_tokens = args.batch_tokens or (65536 if device.type == "cuda" else 8192)
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = json.loads((data / "hf_config.json").read_text())
     corpus = Corpus(data / "corpus.npz")
     attn, experts = choose_implementation(hf_config, device, corpus, args.batch_tokens, args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(hf_config, device, attn, experts)
-    model.train()
+    model = build_model(hf_config, device, attn, experts).train()
     if args.compile:
         model.model = torch.compile(model.model, dynamic=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
-    )  # fmt: skip
-    balancer = RouterBalancer(model, args.bias_gamma)
-    autocast = _autocast_for(device)
+    opt, balancer, autocast = (
+        _optimizer(model, args, device),
+        RouterBalancer(model, args.bias_gamma),
+        _autocast_for(device),
+    )
     t0 = time.time()
     sched = Schedule(args.lr, args.warmup, args.lr_floor, t0, deadline)
     rng = np.random.default_rng(args.seed)
@@ -312,40 +363,28 @@ def train(args: argparse.Namespace) -> None:
         "history": [],
         "evals": [],
     }
-    step, tokens_seen, epoch, last_log, last_eval = 0, 0, 0, t0, t0
-    window_tokens, window_t = 0, t0
-    batches: list[np.ndarray] = []
     print(f"[train] {log['parameters'] / 1e6:.2f}M params on {log['device']}, "
           f"{len(corpus)} conversations, budget {args.minutes} min", flush=True)  # fmt: skip
+    step, tokens_seen, epoch, last_eval = 0, 0, 0, t0
+    window = [0, t0]  # tokens and start time of the current logging window
+    batches: list[np.ndarray] = []
     while time.time() < deadline and not stop["flag"]:
         if not batches:
             batches, epoch = corpus.epoch_batches(rng, args.batch_tokens), epoch + 1
-        inputs, labels, lengths = corpus.collate(batches.pop())
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        positions = torch.arange(inputs.shape[1])
-        balancer.valid = (positions[None, :] < lengths[:, None]).reshape(-1).to(device)
         lr = sched(step, time.time())
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = assistant_loss(model, inputs, labels, autocast)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        ratios = balancer.update()
-        step += 1
-        n_tok = int(lengths.sum())
-        tokens_seen += n_tok
-        window_tokens += n_tok
+        loss, grad_norm, n_tok = _step(
+            model, opt, balancer, corpus, batches.pop(), lr, device, autocast, args.clip
+        )
+        step, tokens_seen, window[0] = step + 1, tokens_seen + n_tok, window[0] + n_tok
         now = time.time()
-        if now - last_log >= args.log_every_s:
-            rate = window_tokens / (now - window_t)
+        if now - window[1] >= args.log_every_s:
             entry = {"t": round(now - t0, 1), "step": step, "epoch": epoch, "loss": loss.item(),
                      "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                     "tokens_per_s": round(rate), "max_expert_load": max(ratios)}  # fmt: skip
+                     "tokens_per_s": round(window[0] / (now - window[1])),
+                     "max_expert_load": max(balancer.load_ratios())}  # fmt: skip
             log["history"].append(entry)
             print("[train] " + json.dumps(entry), flush=True)
-            last_log, window_tokens, window_t = now, 0, now
+            window = [0, now]
         if now - last_eval >= args.eval_every_s and now + 30 < deadline:
             _evaluate_and_save(model, data, out, device, autocast, log, step, t0)
             last_eval = time.time()
@@ -365,9 +404,7 @@ def _evaluate_and_save(model, data, out, device, autocast, log, step, t0) -> Non
     log["evals"].append({"t": round(time.time() - t0, 1), "step": step, "exact_call": scores})
     print("[eval] " + json.dumps(log["evals"][-1]), flush=True)
     log["weights"] = save_weights(model, out)
-    biases = [
-        r.e_score_correction_bias.abs().max().item() for r in RouterBalancer(model, 0).routers
-    ]
+    biases = [r.e_score_correction_bias.abs().max().item() for r in routers_of(model)]
     log["router_bias_max_abs"] = biases
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
 

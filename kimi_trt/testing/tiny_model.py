@@ -89,9 +89,17 @@ def tiny_model_config(vocab_size: int, base: int, layers: int, experts: int) -> 
 
 
 def transformers_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The DeepseekV3Config fields the training step rebuilds the model from (JSON-safe)."""
+    """The DeepseekV3Config fields the training step rebuilds the model from (JSON-safe).
+
+    YaRN is given both as transformers 5's `rope_parameters` and the older `rope_scaling`
+    + `rope_theta`, so whichever transformers the GPU machine has builds the same rope;
+    `expected_rope` lets the training step prove it did."""
     d = transformers_config(cfg).to_dict()
-    return {k: v for k, v in d.items() if not k.startswith("_") and k != "torch_dtype"}
+    d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("torch_dtype", "dtype")}
+    d["rope_scaling"] = dict(d["rope_parameters"])
+    d["rope_theta"] = cfg.rope_theta
+    d["expected_rope"] = {"inv_freq": cfg.rope_inv_freq(), "softmax_scale": cfg.softmax_scale}
+    return d
 
 
 def conversation_ids(
