@@ -35,7 +35,7 @@ def _build_engine(trt, num_experts: int, params: RouterParams, dtype, aot: bool)
     network = builder.create_network(0)
     logits = network.add_input("logits", dtype, (-1, num_experts))
     bias = network.add_input("bias", trt.DataType.FLOAT, (num_experts,))
-    ids, scales, _ = trt_plugin.add_noaux_tc_router(network, logits, bias, params, aot=aot)
+    ids, scales = trt_plugin.add_noaux_tc_router(network, logits, bias, params, aot=aot)
     ids.name, scales.name = "ids", "scales"
     network.mark_output(ids)
     network.mark_output(scales)

@@ -13,19 +13,19 @@ for the AOT form; the project pins 10.13):
   * impl:      the JIT fallback (`network.add_plugin(..., aot=False)`): runs the same
                Triton kernel from Python through torch at engine run time.
 
-Use in a plain TensorRT network:
+Use in a plain TensorRT network (ITensors in, ITensors out):
 
-    ids, scales, layer = add_noaux_tc_router(network, logits, bias, params)
+    ids, scales = add_noaux_tc_router(network, logits, bias, params)
 
 Use inside a TensorRT-LLM network (the build helper's model code, where `logits` and
 `bias` are `tensorrt_llm.functional.Tensor`s; only that code imports tensorrt_llm):
 
     from tensorrt_llm._common import default_trtnet
     from tensorrt_llm.functional import _create_tensor
-    ids, scales, layer = add_noaux_tc_router(
+    layer = add_noaux_tc_router_layer(
         default_trtnet(), logits.trt_tensor, bias.trt_tensor, params)
-    token_selected_experts = _create_tensor(ids, layer)     # int32 [T, k]
-    token_final_scales = _create_tensor(scales, layer)      # float32 [T, k]
+    token_selected_experts = _create_tensor(layer.get_output(0), layer)  # int32 [T, k]
+    token_final_scales = _create_tensor(layer.get_output(1), layer)      # float32 [T, k]
 
 then hand both to the MixtureOfExperts plugin in place of the graph's softmax routing.
 Logits must be 2-D with a build-time constant E (flatten [B, S, E] first); `bias` is
@@ -36,8 +36,6 @@ documentation an AOT plugin's engine then runs without this module.
 tensorrt is imported lazily: importing this module works without it, and the functions
 raise MissingCapability (exit code 3) with the reason when it is absent.
 """
-
-from typing import NamedTuple
 
 import torch
 
@@ -50,14 +48,6 @@ PLUGIN_NAME = "noaux_tc_router"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
 _registered_with: dict = {}
-
-
-class RouterLayer(NamedTuple):
-    """Outputs of the plugin layer and the layer itself (TensorRT-LLM's `_create_tensor`)."""
-
-    ids: object  # tensorrt.ITensor, int32 [T, k]
-    scales: object  # tensorrt.ITensor, float32 [T, k]
-    layer: object  # tensorrt.IPluginV3Layer
 
 
 def _import_tensorrt():
@@ -181,13 +171,12 @@ def _torch_view(tensor, trt) -> torch.Tensor:
     return torch.as_tensor(tensor, device="cuda")
 
 
-def add_noaux_tc_router(
-    network, logits, bias, params: RouterParams, *, aot: bool = True
-) -> RouterLayer:
-    """Add `kimi_trt::noaux_tc_router` to a TensorRT INetworkDefinition.
+def add_noaux_tc_router_layer(network, logits, bias, params: RouterParams, *, aot: bool = True):
+    """Add `kimi_trt::noaux_tc_router` to a TensorRT INetworkDefinition; return the layer.
 
     logits: ITensor [T, E] (float32/bfloat16, E a build-time constant); bias: ITensor [E]
-    float32. aot=False selects the Python (JIT) implementation instead of embedded PTX.
+    float32. Outputs 0 and 1 are ids int32 [T, k] and scales float32 [T, k]. aot=False
+    selects the Python (JIT) implementation instead of the embedded PTX.
     """
     _, trtp = _import_tensorrt()
     if not _registered_with:
@@ -212,4 +201,10 @@ def add_noaux_tc_router(
         aot=aot,
     )
     layer.name = f"{PLUGIN_NAME}_{network.num_layers}"
-    return RouterLayer(layer.get_output(0), layer.get_output(1), layer)
+    return layer
+
+
+def add_noaux_tc_router(network, logits, bias, params: RouterParams, *, aot: bool = True):
+    """Like `add_noaux_tc_router_layer`, returning (ids ITensor, scales ITensor)."""
+    layer = add_noaux_tc_router_layer(network, logits, bias, params, aot=aot)
+    return layer.get_output(0), layer.get_output(1)
