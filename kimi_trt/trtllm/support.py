@@ -15,6 +15,9 @@ The facts, from TensorRT-LLM 1.2's sources:
   Linear layers become weight-only int8 layers -> bf16 or int8_wo.
 - Attention data parallelism exists only in TensorRT-LLM's PyTorch backend; the engine
   workflow splits heads over TP (`DeepseekV2Attention(tp_size=...)`).
+- Blackwell: `tensorrt_llm/builder.py` `build()` raises "INT8/INT4 quantization is not
+  supported on SM>=100", and examples/models/contrib/deepseek_v2/README.md states the
+  MLA kernel is Hopper-only -> no int8_wo on b200/gb200 (and a logged caveat for MLA).
 - FP8 KV cache needs per-layer KV scales (`kv_cache_scaling_factor`) that the converter
   does not produce -> bf16 KV cache.
 """
@@ -60,6 +63,13 @@ def trtllm_problems(build: BuildConfig) -> list[str]:
         out.append(
             "parallelism.attention_dp: TensorRT-LLM's engine workflow has no attention data "
             "parallelism (heads are split over TP); set attention_dp: false or use backend: torch"
+        )
+    wo = [c for c in LINEAR_CLASSES if build.weights.for_class(c) == "int8_wo"]
+    if wo and build.gpu in BLACKWELL:
+        out.append(
+            f"weights {', '.join(wo)}: int8_wo on {build.gpu} - TensorRT-LLM's engine builder "
+            "refuses INT8/INT4 weight-only quantization on SM>=100 (tensorrt_llm/builder.py "
+            "build()); use backend: torch on Blackwell"
         )
     if build.kv_cache_dtype != "bf16":
         out.append(
