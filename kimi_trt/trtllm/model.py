@@ -66,7 +66,7 @@ from tensorrt_llm.quantization import QuantAlgo, QuantMode
 from tensorrt_llm.quantization.functional import preprocess_weights_for_mixed_gemm
 
 from kimi_trt.plugins.routing import RouterParams
-from kimi_trt.plugins.trt_plugin import add_noaux_tc_router
+from kimi_trt.plugins.trt_plugin import add_noaux_tc_router_layer
 from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights
 
 # Modules kept in the model dtype whatever the formats (TensorRT-LLM's default list plus
@@ -117,13 +117,13 @@ class KimiK2MoE(SharedMoE):
         logits = self.router(cast(hidden_states, "float32"))
         bias = self.e_score_correction_bias.value
         # hidden_states are [T, H] (remove_input_padding), so logits are [T, E] as the plugin needs.
-        ids, scales, layer = add_noaux_tc_router(
+        layer = add_noaux_tc_router_layer(
             default_trtnet(), logits.trt_tensor, bias.trt_tensor, self.router_params
         )
         routed = self.forward_experts(
             hidden_states,
-            _create_tensor(ids, layer),
-            _create_tensor(scales, layer),
+            _create_tensor(layer.get_output(0), layer),  # token_selected_experts int32 [T, k]
+            _create_tensor(layer.get_output(1), layer),  # token_final_scales fp32 [T, k]
             lora_layer_params,
             SideStreamIDType.disable,
         )
