@@ -59,6 +59,7 @@ def trtllm_pretrained_dict(raw: dict[str, Any]) -> dict[str, Any]:
 def build_settings(build: BuildConfig) -> dict[str, Any]:
     """tensorrt_llm.builder.BuildConfig fields and plugin settings from our BuildConfig."""
     lim = build.limits
+    timing_cache = build.output_dir / STATE_DIR / "timing.cache"
     return {
         "build_config": {
             "max_batch_size": lim.max_batch_size,
@@ -67,6 +68,10 @@ def build_settings(build: BuildConfig) -> dict[str, Any]:
             "max_num_tokens": lim.max_num_tokens,
             "max_beam_width": 1,
             "strongly_typed": True,
+            # TensorRT's tactic timing cache: kept with the build state (not in the CWD,
+            # TensorRT-LLM's default) and reused by every rank and every rebuild.
+            "input_timing_cache": str(timing_cache),
+            "output_timing_cache": str(timing_cache),
         },
         "plugins": {
             "gpt_attention_plugin": "bfloat16",
