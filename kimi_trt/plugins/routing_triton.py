@@ -126,7 +126,8 @@ def noaux_tc_router_kernel(
     xw = tl.load(logits_ptr + row[:, None] + ids, mask=out_mask, other=0.0)
     weights = tl.where(slot < TOP_K, _sigmoid(xw.to(tl.float32), ACCURATE), 0.0)
     if NORMALIZE:
-        weights = weights / (tl.sum(weights, axis=1) + 1e-20)[:, None]  # routing.NORM_EPS
+        total = tl.sum(weights, axis=1) + 1e-20  # routing.NORM_EPS
+        weights = tl.math.div_rn(weights, total[:, None])  # IEEE, like torch
     weights = weights * SCALE
     out = tok[:, None].to(tl.int64) * TOP_K + slot
     tl.store(ids_ptr + out, ids, mask=out_mask)
