@@ -1,0 +1,259 @@
+"""`kimi-trt serve`: an OpenAI- (and Anthropic-) compatible HTTP API for an engine dir.
+
+Endpoints: GET /health, /metrics (Prometheus), /v1/models; POST /v1/chat/completions,
+/v1/completions, /v1/messages. Tokens come from the runtime in this process (requests
+batched by an EngineBatcher; under mpirun rank 0 serves and the other ranks follow the
+runtime's worker loop) or from a Triton server (`--triton HOST:PORT`, gRPC) holding the
+repository `kimi-trt triton-repo` made for the same engine dir.
+
+Errors use the caller's API style with the right status: 400 for invalid JSON, bad
+parameters and prompts longer than the engine's max input; 404 for an unknown model;
+500 when the backend fails. A client that disconnects mid-stream cancels its request in
+the backend (the runtime frees its slot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kimi_trt.errors import UserError
+from kimi_trt.runtime.serving import anthropic_api, openai_api
+from kimi_trt.runtime.serving.backends import BackendError
+from kimi_trt.runtime.serving.metrics import ServerMetrics
+from kimi_trt.runtime.serving.openai_api import ServerState
+from kimi_trt.runtime.serving.schemas import (
+    AnthropicMessagesRequest,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
+
+log = logging.getLogger("kimi_trt.serve")
+DEFAULT_MODEL_NAME = "kimi-k2"
+
+
+def _error_body(err: APIError, style: str) -> dict[str, Any]:
+    return err.anthropic_body() if style == "anthropic" else err.openai_body()
+
+
+def _as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, UserError):
+        return APIError(400, str(exc))
+    return APIError(500, f"generation failed: {exc}", type="server_error")
+
+
+async def _json_body(request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(
+            400,
+            f"We could not parse the JSON body of your request ({e.msg if hasattr(e, 'msg') else e})",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def _guarded(stream: AsyncIterator[str], style: str) -> AsyncIterator[str]:
+    """Turn a failure after the response started into an error event (and always close)."""
+    async with contextlib.aclosing(stream):
+        try:
+            async for piece in stream:
+                yield piece
+        except (UserError, BackendError) as e:
+            err = _as_api_error(e)
+            if style == "anthropic":
+                yield anthropic_api.event("error", {"error": err.anthropic_body()["error"]})
+            else:
+                yield openai_api.sse(err.openai_body())
+                yield openai_api.sse("[DONE]")
+
+
+class Endpoint:
+    """One POST endpoint: parse, validate, build the generation, answer whole or streamed."""
+
+    def __init__(self, name: str, schema, build, respond, stream: Callable, style: str):
+        self.name, self.schema, self.build = name, schema, build
+        self.respond, self.stream, self.style = respond, stream, style
+
+    async def __call__(self, state: ServerState, request):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        received = time.monotonic()
+        try:
+            req = self.schema.model_validate(await _json_body(request))
+            gen = self.build(state, req, received)
+            if req.stream:
+                state.metrics.count(self.name, 200)
+                body = self.stream(state, gen, req)
+                return StreamingResponse(
+                    _guarded(body, self.style),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
+            result = await self.respond(state, gen)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an API error body
+            err = _as_api_error(exc)
+            if err.status >= 500:
+                log.exception("%s failed", self.name)
+            state.metrics.count(self.name, err.status)
+            return JSONResponse(_error_body(err, self.style), status_code=err.status)
+        state.metrics.count(self.name, 200)
+        return JSONResponse(result)
+
+
+ENDPOINTS = {
+    "/v1/chat/completions": Endpoint(
+        "chat",
+        ChatCompletionRequest,
+        openai_api.build_chat,
+        openai_api.chat_response,
+        lambda s, g, r: openai_api.chat_stream(s, g, r.include_usage),
+        "openai",
+    ),
+    "/v1/completions": Endpoint(
+        "completions",
+        CompletionRequest,
+        openai_api.build_completion,
+        openai_api.completion_response,
+        lambda s, g, r: openai_api.completion_stream(s, g, r.include_usage),
+        "openai",
+    ),
+    "/v1/messages": Endpoint(
+        "messages",
+        AnthropicMessagesRequest,
+        anthropic_api.build_messages,
+        anthropic_api.messages_response,
+        lambda s, g, r: anthropic_api.messages_stream(s, g),
+        "anthropic",
+    ),
+}
+
+
+def create_app(state: ServerState, on_startup=None, on_shutdown=None):
+    """The FastAPI app over `state` (startup/shutdown hooks: async callables)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if on_startup is not None:
+            await on_startup()
+        yield
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    app = FastAPI(title="kimi_trt", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        err = APIError(exc.status_code, str(exc.detail), code="not_found")
+        return JSONResponse(err.openai_body(), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.model_name, "backend": state.backend.description}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "kimi_trt",
+            "max_model_len": state.max_seq_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    def make_route(endpoint: Endpoint):
+        async def route(request):  # a plain Starlette route: we parse the body ourselves
+            return await endpoint(state, request)
+
+        return route
+
+    for path, endpoint in ENDPOINTS.items():
+        app.add_route(path, make_route(endpoint), methods=["POST"], name=endpoint.name)
+    return app
+
+
+def _tokenizer_for(summary):
+    from kimi_trt.runtime.tokenizer import KimiTokenizer
+
+    return KimiTokenizer.from_dir(summary.tokenizer_dir) if summary.tokenizer_dir else None
+
+
+def serve(
+    engine_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    triton_url: str | None = None,
+    triton_model: str | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    batch_window_ms: float = 5.0,
+    default_max_tokens: int = 1024,
+    log_level: str = "info",
+) -> None:
+    """Run the API server until interrupted (every rank calls this under mpirun)."""
+    import uvicorn
+
+    from kimi_trt.runtime.serving.backends import InProcessBackend, TritonBackend
+
+    engine = None
+    if triton_url:
+        from kimi_trt.runtime.triton_repo import summarize_engine
+
+        summary = summarize_engine(engine_dir)
+        backend = TritonBackend(triton_url, summary, _tokenizer_for(summary), triton_model)
+        backend.check()
+        max_seq_len = summary.max_seq_len
+    else:
+        from kimi_trt.runtime.engine import load_engine
+
+        engine = load_engine(engine_dir)
+        if not engine.is_driver:
+            engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
+            return
+        backend = InProcessBackend(engine, window_s=batch_window_ms / 1000.0)
+        max_seq_len = engine.max_seq_len
+    metrics = ServerMetrics(backend.load)
+    state = ServerState(
+        backend, backend.tokenizer, model_name, metrics, max_seq_len, default_max_tokens
+    )
+
+    async def startup():
+        if hasattr(backend, "start"):
+            await backend.start()
+        log.info("serving %s on http://%s:%d (%s)", model_name, host, port, backend.description)
+
+    async def shutdown():
+        await backend.close()
+
+    app = create_app(state, startup, shutdown)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        if engine is not None:
+            engine.shutdown()

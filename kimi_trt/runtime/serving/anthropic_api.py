@@ -1,0 +1,248 @@
+"""Anthropic Messages API (`POST /v1/messages`) on the same pipeline as the OpenAI endpoints.
+
+Requests are translated to the chat form the template takes: `system` -> a system turn,
+`text` blocks -> content, `tool_use` blocks -> assistant `tool_calls`, `tool_result`
+blocks -> tool turns (before the user's text of that message), `tools[].input_schema` ->
+function parameters. Temperature is mapped as Moonshot's Anthropic-compatible API does:
+the sampler's temperature = requested x 0.6 (Anthropic's range 0..1 onto Kimi's
+recommended 0..0.6; no temperature -> 0.6).
+
+Responses: content blocks `text` and `tool_use` (`input` is the parsed JSON arguments),
+stop_reason end_turn / max_tokens / stop_sequence / tool_use. Streaming sends
+message_start, content_block_start/delta/stop per block (text_delta, input_json_delta),
+message_delta (stop_reason, usage) and message_stop, as named SSE events.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kimi_trt.runtime.serving.openai_api import (
+    ServerState,
+    chat_prompt,
+    check_model,
+    sampling_params,
+)
+from kimi_trt.runtime.serving.pipeline import Finish, GenerationRequest, generate_events
+from kimi_trt.runtime.serving.schemas import AnthropicMessagesRequest, APIError
+from kimi_trt.runtime.tool_parser import (
+    ContentDelta,
+    ToolCallArgumentsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    collect,
+)
+
+TEMPERATURE_SCALE = 0.6
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A plain string from a string or a list of text blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, block in enumerate(content):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                raise APIError(400, f"{where}[{i}]: only text blocks are supported here")
+            parts.append(str(block.get("text", "")))
+        return "".join(parts)
+    raise APIError(400, f"{where}: expected a string or a list of text blocks")
+
+
+def _message_turns(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
+    role, content = message.get("role"), message.get("content")
+    if role not in ("user", "assistant"):
+        raise APIError(400, f"messages[{i}].role must be user or assistant", param="messages")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise APIError(400, f"messages[{i}].content: expected a string or a list of blocks")
+    text, calls, results = [], [], []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        where = f"messages[{i}].content[{j}]"
+        if kind == "text":
+            text.append(str(block.get("text", "")))
+        elif kind == "tool_use" and role == "assistant":
+            arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
+            calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": arguments},
+                }
+            )
+        elif kind == "tool_result" and role == "user":
+            body = _text_of(block.get("content", ""), f"{where}.content")
+            results.append(
+                {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": body}
+            )
+        else:
+            raise APIError(400, f"{where}: unsupported block type {kind!r} for role {role}")
+    if role == "assistant":
+        turn: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+        if calls:
+            turn["tool_calls"] = calls
+        return [turn]
+    return results + ([{"role": "user", "content": "".join(text)}] if text else [])
+
+
+def to_chat(req: AnthropicMessagesRequest) -> tuple[list[dict], list[dict] | None]:
+    """Anthropic messages + tools -> OpenAI-style chat messages + tools."""
+    messages: list[dict[str, Any]] = []
+    if req.system:
+        messages.append({"role": "system", "content": _text_of(req.system, "system")})
+    for i, message in enumerate(req.messages):
+        messages += _message_turns(i, message)
+    tools = None
+    if req.tools and (req.tool_choice or {}).get("type") != "none":
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name"),
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema", {"type": "object"}),
+                },
+            }
+            for t in req.tools
+        ]
+    return messages, tools
+
+
+def sampler_temperature(requested: float | None) -> float:
+    """Moonshot's mapping of an Anthropic temperature (0..1, default 1) onto Kimi's sampler."""
+    return TEMPERATURE_SCALE * (1.0 if requested is None else requested)
+
+
+def build_messages(state: ServerState, req: AnthropicMessagesRequest, received: float):
+    check_model(state, req.model)
+    messages, tools = to_chat(req)
+    prompt = chat_prompt(state, messages, tools)
+    temperature = sampler_temperature(req.temperature)
+    params = sampling_params(
+        state, prompt, req.max_tokens, temperature, req.top_p, req.top_k, req.seed
+    )
+    allow_tools = tools is not None
+    return GenerationRequest(prompt, params, req.stop_sequences or [], True, allow_tools, received)
+
+
+def _stop(finish: Finish) -> tuple[str, str | None]:
+    if finish.stop_string is not None:
+        return "stop_sequence", finish.stop_string
+    return STOP_REASONS.get(finish.reason, "end_turn"), None
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {"_raw_arguments": text}
+
+
+def _message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+async def messages_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
+    events, finish = [], None
+    async for event in generate_events(state.backend, gen, state.metrics):
+        if isinstance(event, Finish):
+            finish = event
+        else:
+            events.append(event)
+    parsed = collect(events)
+    content: list[dict[str, Any]] = []
+    if parsed.content:
+        content.append({"type": "text", "text": parsed.content})
+    for call in parsed.tool_calls:
+        fn = call["function"]
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": fn["name"],
+                "input": _arguments(fn["arguments"]),
+            }
+        )
+    stop_reason, stop_sequence = _stop(finish)
+    return {
+        "id": _message_id(),
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_name,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens},
+    }
+
+
+def event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+class _Blocks:
+    """Opens/closes content blocks as the stream moves between text and tool calls."""
+
+    def __init__(self):
+        self.index = -1
+        self.open_kind: str | None = None
+
+    def open(self, kind: str, block: dict[str, Any]) -> list[str]:
+        out = self.close()
+        self.index += 1
+        self.open_kind = kind
+        out.append(event("content_block_start", {"index": self.index, "content_block": block}))
+        return out
+
+    def close(self) -> list[str]:
+        if self.open_kind is None:
+            return []
+        self.open_kind = None
+        return [event("content_block_stop", {"index": self.index})]
+
+
+async def messages_stream(state: ServerState, gen: GenerationRequest) -> AsyncIterator[str]:
+    message = {
+        "id": _message_id(),
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_name,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": len(gen.prompt), "output_tokens": 0},
+    }
+    yield event("message_start", {"message": message})
+    blocks = _Blocks()
+    async for ev in generate_events(state.backend, gen, state.metrics):
+        if isinstance(ev, ContentDelta):
+            if blocks.open_kind != "text":
+                for line in blocks.open("text", {"type": "text", "text": ""}):
+                    yield line
+            delta = {"type": "text_delta", "text": ev.text}
+            yield event("content_block_delta", {"index": blocks.index, "delta": delta})
+        elif isinstance(ev, ToolCallStart):
+            block = {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}}
+            for line in blocks.open("tool_use", block):
+                yield line
+        elif isinstance(ev, ToolCallArgumentsDelta):
+            delta = {"type": "input_json_delta", "partial_json": ev.text}
+            yield event("content_block_delta", {"index": blocks.index, "delta": delta})
+        elif isinstance(ev, ToolCallEnd):
+            for line in blocks.close():
+                yield line
+        elif isinstance(ev, Finish):
+            for line in blocks.close():
+                yield line
+            stop_reason, stop_sequence = _stop(ev)
+            delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+            usage = {"output_tokens": ev.completion_tokens}
+            yield event("message_delta", {"delta": delta, "usage": usage})
+            yield event("message_stop", {})

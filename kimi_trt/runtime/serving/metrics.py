@@ -1,0 +1,98 @@
+"""Prometheus metrics of the API server (`GET /metrics`).
+
+Each app gets its own registry, so several servers in one process (tests) do not mix.
+Names follow the usual LLM-server set (vLLM, TensorRT-LLM): requests by endpoint and
+status, prompt/generated token counters, time to first token, inter-token latency,
+end-to-end latency, finish reasons, and the queue depth (requests queued or generating
+in the backend) read at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+PREFIX = "kimi_trt_"
+
+
+class RequestTimer:
+    """Token timestamps of one request (time to first token, gaps between tokens)."""
+
+    def __init__(self, metrics: ServerMetrics, started: float):
+        self.metrics = metrics
+        self.started = started
+        self.last: float | None = None
+
+    def token(self) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.started)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+
+
+class ServerMetrics:
+    def __init__(self, queue_depth: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests", "HTTP API requests", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens", registry=r
+        )
+        self.finished_requests = Counter(
+            PREFIX + "request_finished", "Finished generations", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from request arrival to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "request_latency_seconds",
+            "Time from request arrival to its last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(PREFIX + "requests_in_flight", "Generations running", registry=r)
+        depth = Gauge(
+            PREFIX + "queue_depth", "Requests queued or generating in the backend", registry=r
+        )
+        depth.set_function(lambda: float(queue_depth()))
+
+    def request_timer(self, started: float) -> RequestTimer:
+        self.in_flight.inc()
+        return RequestTimer(self, started)
+
+    def finished(self, timer: RequestTimer, prompt: int, generated: int, reason: str) -> None:
+        self.in_flight.dec()
+        self.prompt_tokens.inc(prompt)
+        self.generation_tokens.inc(generated)
+        self.finished_requests.labels(reason=reason).inc()
+        self.e2e.observe(time.monotonic() - timer.started)
+
+    def count(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

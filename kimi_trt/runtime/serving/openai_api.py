@@ -1,0 +1,259 @@
+"""OpenAI Chat Completions and Completions on top of `pipeline.generate_events`.
+
+Chat prompts are rendered with the checkpoint's chat template (tools declared as Kimi
+expects); the output is parsed for Kimi tool calls, which come back as OpenAI
+`tool_calls` with finish_reason "tool_calls". Streaming follows OpenAI's chunk format:
+a first chunk with the role, content deltas, tool calls as `{index, id, type, function:
+{name, arguments: ""}}` then argument pieces, a last chunk with the finish_reason, an
+optional usage chunk (`stream_options.include_usage`), then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from kimi_trt.errors import UserError
+from kimi_trt.runtime.sampling import SamplingParams
+from kimi_trt.runtime.serving.pipeline import Finish, GenerationRequest, generate_events
+from kimi_trt.runtime.serving.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from kimi_trt.runtime.tool_parser import (
+    ContentDelta,
+    ToolCallArgumentsDelta,
+    ToolCallStart,
+    collect,
+)
+
+DEFAULT_TEMPERATURE = 0.6  # Kimi-K2's recommendation when the request gives none
+
+
+@dataclass
+class ServerState:
+    """What every endpoint needs: the backend, the tokenizer, limits and metrics."""
+
+    backend: Any
+    tokenizer: Any
+    model_name: str
+    metrics: Any
+    max_seq_len: int
+    default_max_tokens: int = 1024
+
+
+def check_model(state: ServerState, model: str) -> None:
+    if model != state.model_name:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist (this server serves `{state.model_name}`)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def sampling_params(
+    state: ServerState,
+    prompt: list[int],
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+) -> SamplingParams:
+    """Sampling parameters; the prompt length is checked here so the error is a clean 400."""
+    limit = state.backend.max_input_len
+    if len(prompt) > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your "
+            f"prompt has {len(prompt)} tokens.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    room = max(state.max_seq_len - len(prompt), 1)
+    params = SamplingParams(
+        max_new_tokens=min(max_tokens or state.default_max_tokens, room),
+        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+        seed=seed,
+    )
+    try:
+        state.backend.validate(prompt, params)
+    except UserError as e:
+        raise APIError(400, str(e), code="invalid_prompt") from None
+    return params
+
+
+def chat_prompt(state: ServerState, messages, tools) -> list[int]:
+    if state.tokenizer is None:
+        raise APIError(400, "this engine dir has no tokenizer; use /v1/completions with token ids")
+    try:
+        return state.tokenizer.apply_chat_template(messages, tools=tools or None)
+    except UserError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def build_chat(
+    state: ServerState, req: ChatCompletionRequest, received: float
+) -> GenerationRequest:
+    check_model(state, req.model)
+    allow_tools = req.tool_choice != "none"
+    prompt = chat_prompt(state, req.messages, req.tools if allow_tools else None)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = sampling_params(
+        state, prompt, max_tokens, req.temperature, req.top_p, req.top_k, req.seed
+    )
+    return GenerationRequest(prompt, params, req.stop, True, allow_tools, received)
+
+
+def build_completion(
+    state: ServerState, req: CompletionRequest, received: float
+) -> GenerationRequest:
+    check_model(state, req.model)
+    if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
+        prompt = list(req.prompt)
+    else:
+        if state.tokenizer is None:
+            raise APIError(400, "this engine dir has no tokenizer: send the prompt as token ids")
+        text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        prompt = state.tokenizer.encode(text)
+    params = sampling_params(
+        state, prompt, req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed
+    )
+    return GenerationRequest(prompt, params, req.stop, False, False, received)
+
+
+def _usage(finish: Finish) -> dict[str, int]:
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+    }
+
+
+def _ids(kind: str) -> tuple[str, int]:
+    return f"{kind}-{uuid.uuid4().hex}", int(time.time())
+
+
+async def chat_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
+    events, finish = [], None
+    async for event in generate_events(state.backend, gen, state.metrics):
+        if isinstance(event, Finish):
+            finish = event
+        else:
+            events.append(event)
+    parsed = collect(events)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
+    if parsed.tool_calls:
+        message["tool_calls"] = parsed.tool_calls
+    rid, created = _ids("chatcmpl")
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": None}
+        ],
+        "usage": _usage(finish),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _tool_delta(event) -> dict[str, Any] | None:
+    if isinstance(event, ToolCallStart):
+        return {
+            "index": event.index,
+            "id": event.id,
+            "type": "function",
+            "function": {"name": event.name, "arguments": ""},
+        }
+    if isinstance(event, ToolCallArgumentsDelta):
+        return {"index": event.index, "function": {"arguments": event.text}}
+    return None
+
+
+async def chat_stream(
+    state: ServerState, gen: GenerationRequest, include_usage: bool
+) -> AsyncIterator[str]:
+    rid, created = _ids("chatcmpl")
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.model_name,
+            "choices": [choice],
+            **extra,
+        }
+        return sse(body)
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in generate_events(state.backend, gen, state.metrics):
+        if isinstance(event, ContentDelta):
+            yield chunk({"content": event.text})
+        elif isinstance(event, Finish):
+            yield chunk({}, event.reason)
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": state.model_name,
+                        "choices": [],
+                        "usage": _usage(event),
+                    }
+                )
+        elif (delta := _tool_delta(event)) is not None:
+            yield chunk({"tool_calls": [delta]})
+    yield sse("[DONE]")
+
+
+async def completion_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
+    text, finish = [], None
+    async for event in generate_events(state.backend, gen, state.metrics):
+        if isinstance(event, Finish):
+            finish = event
+        elif isinstance(event, ContentDelta):
+            text.append(event.text)
+    rid, created = _ids("cmpl")
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [
+            {"index": 0, "text": "".join(text), "finish_reason": finish.reason, "logprobs": None}
+        ],
+        "usage": _usage(finish),
+    }
+
+
+async def completion_stream(
+    state: ServerState, gen: GenerationRequest, include_usage: bool
+) -> AsyncIterator[str]:
+    rid, created = _ids("cmpl")
+    base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+    async for event in generate_events(state.backend, gen, state.metrics):
+        if isinstance(event, ContentDelta):
+            choice = {"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}
+            yield sse({**base, "choices": [choice]})
+        elif isinstance(event, Finish):
+            choice = {"index": 0, "text": "", "finish_reason": event.reason, "logprobs": None}
+            yield sse({**base, "choices": [choice]})
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": _usage(event)})
+    yield sse("[DONE]")
