@@ -23,7 +23,7 @@ from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint, read_rank_confi
 from kimi_trt.errors import ConfigError, UserError
 from kimi_trt.runtime.comm import Comm
 from kimi_trt.runtime.executor import StepPlan, TorchExecutor
-from kimi_trt.runtime.failure import SharedError
+from kimi_trt.runtime.failure import shared
 from kimi_trt.runtime.generate import GenerationLoop, GenerationResult, OnToken, make_requests
 from kimi_trt.runtime.launch import (
     RankInfo,
@@ -147,7 +147,7 @@ def load_engine(
         limits = override_limits(limits, max_batch_size, max_seq_len)
         tokenizer = load_tokenizer(path, Path(tokenizer_dir) if tokenizer_dir else None)
     except UserError as e:  # identical on every rank: reported once, by rank 0
-        raise SharedError(str(e)) from None
+        raise shared(e) from None
     if dtype is None:
         dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     executor = TorchExecutor(cfg, rt.comm, dtype, limits.max_seq_len, progress=progress)

@@ -27,8 +27,11 @@ from kimi_trt.runtime.comm import PeerFailure
 _PEER_MESSAGE_DELAY_S = 0.5
 
 
-class SharedError(UserError):
-    """A user error every rank hits the same way: only rank 0 reports it."""
+def shared(error: UserError) -> UserError:
+    """Mark a user error as the job's, not one rank's (config, world size, inputs): rank 0
+    reports it once, without a rank prefix. Returns the same exception, type unchanged."""
+    error.shared = True
+    return error
 
 
 def _exit_now(code: int) -> None:
@@ -57,9 +60,9 @@ def run_rank(main: Callable[[], int], rank: int, world_size: int) -> int:
             _say(f"error: rank 0: lost contact with another rank ({e}); stopping")
         _exit_now(1)
     except (UserError, MissingCapability) as e:
-        if rank == 0 or not isinstance(e, SharedError):
-            prefix = "" if isinstance(e, SharedError) else f"rank {rank}: "
-            _say(f"error: {prefix}{e}")
+        is_shared = getattr(e, "shared", False)
+        if rank == 0 or not is_shared:
+            _say(f"error: {'' if is_shared else f'rank {rank}: '}{e}")
         _exit_now(e.exit_code)
     except MemoryError:
         _say(f"error: rank {rank}: out of host memory")

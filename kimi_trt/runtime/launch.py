@@ -93,6 +93,10 @@ def bind_device(info: RankInfo) -> torch.device:
         index = info.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
+    if info.local_size > 1:
+        # Ranks on one host share its cores; oversubscribed intra-op threads spin-wait on
+        # each other and make small matmuls ~50x slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
     return torch.device("cpu")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.failure import SharedError, run_rank
+from kimi_trt.runtime.failure import run_rank, shared
 from kimi_trt.runtime.generate import GenerationResult
 from kimi_trt.runtime.launch import detect_rank_info
 from kimi_trt.runtime.sampling import SamplingParams
@@ -145,7 +145,7 @@ def _drive(engine, src: PromptSource, params: SamplingParams, as_json: bool) -> 
         prompts = collect_prompts(src, engine.tokenizer)
         engine.validate_prompts(prompts, [params] * len(prompts))
     except UserError as e:  # about the job's input, not a rank: one line, no rank prefix
-        raise SharedError(str(e)) from None
+        raise shared(e) from None
     stream = not as_json and len(prompts) == 1
     streamer = _Streamer(engine.tokenizer) if stream else None
     results = engine.generate(prompts, params, on_token=streamer)
