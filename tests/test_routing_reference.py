@@ -202,3 +202,13 @@ def test_routing_properties(problem):
         torch.testing.assert_close(
             sums, torch.full_like(sums, params.routed_scaling_factor), rtol=1e-6, atol=0
         )
+
+
+def test_nan_logits_still_give_distinct_in_range_ids():
+    logits = torch.randn(4, 256)
+    logits[0] = float("nan")
+    logits[1, ::2] = float("nan")
+    for params in (RouterParams(8, 8, 4, 1.0, True), RouterParams(8, 1, 1, 1.0, True)):
+        ids, _ = route_noaux_tc(logits, torch.zeros(256), **params.kwargs())
+        for row in ids.tolist():
+            assert len(set(row)) == 8 and all(0 <= i < 256 for i in row)
