@@ -227,3 +227,19 @@ def test_prepare_writes_compact_uint16_corpus(tmp_path):
 def test_export_rejects_missing_weights(tmp_path):
     with pytest.raises(Exception, match="no weights"):
         tiny_model.read_trained_state(tmp_path)
+
+
+def test_expert_layouts_round_trip():
+    """Fused experts (transformers 5) <-> Kimi's per-expert names, gate rows first."""
+    cfg = tiny_model.tiny_model_config(2304, 2048, layers=2, experts=4)
+    e, inter, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    fused = {
+        "model.layers.1.mlp.experts.gate_up_proj": torch.randn(e, 2 * inter, h),
+        "model.layers.1.mlp.experts.down_proj": torch.randn(e, h, inter),
+    }
+    named = tiny_model.hf_named_state(fused, cfg)
+    gate_up = fused["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(named["model.layers.1.mlp.experts.2.gate_proj.weight"], gate_up[2, :inter])
+    assert torch.equal(named["model.layers.1.mlp.experts.2.up_proj.weight"], gate_up[2, inter:])
+    back = tiny_model.fused_experts_state(named, cfg)
+    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)

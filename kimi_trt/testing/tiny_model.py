@@ -306,10 +306,33 @@ def write_kimi_checkpoint(
     return total
 
 
+def fused_experts_state(
+    state: dict[str, torch.Tensor], cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Per-expert names (older transformers' in-memory layout) -> this transformers' fused one."""
+    out = dict(state)
+    for layer in cfg.moe_layers:
+        p = f"model.layers.{layer}.mlp.experts"
+        if f"{p}.0.gate_proj.weight" not in out:
+            continue
+        experts = range(cfg.n_routed_experts)
+        out[f"{p}.gate_up_proj"] = torch.stack(
+            [
+                torch.cat(
+                    [out.pop(f"{p}.{e}.gate_proj.weight"), out.pop(f"{p}.{e}.up_proj.weight")]
+                )
+                for e in experts
+            ]
+        )
+        out[f"{p}.down_proj"] = torch.stack([out.pop(f"{p}.{e}.down_proj.weight") for e in experts])
+    return out
+
+
 def float_model(state: dict[str, torch.Tensor], cfg: ModelConfig):
     """The trained model in float32 exactly as training left it (the export's reference)."""
     from transformers import DeepseekV3ForCausalLM
 
+    state = fused_experts_state(state, cfg)
     model = DeepseekV3ForCausalLM(transformers_config(cfg)).float().eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("inv_freq")]

@@ -148,18 +148,45 @@ class EvalCase:
     expected_args: dict[str, Any] = field(default_factory=dict)
 
 
+def _letter_chain(names: list[str]) -> dict[str, list[str]]:
+    """Order-2 character transitions of the catalogue's words ("^" starts, "$" ends)."""
+    chain: dict[str, list[str]] = {}
+    for word in sorted({w.lower() for n in names for w in n.split()}):
+        padded = "^^" + word + "$"
+        for i in range(len(padded) - 2):
+            chain.setdefault(padded[i : i + 2], []).append(padded[i + 2])
+    return chain
+
+
+_CHAIN = _letter_chain(TRAIN_CITIES)
+_HELDOUT_WORDS = frozenset(w for c in HELDOUT_CITIES for w in c.split())
+
+
+def _syllable_word(rng: random.Random) -> str:
+    syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))]
+    return "".join(syllables) + rng.choice(_CODAS)
+
+
+def _chain_word(rng: random.Random) -> str:
+    """A word with real city names' letter statistics (so copying sees realistic tokens)."""
+    out = "^^"
+    while len(out) < 14 and out[-1] != "$":
+        out += rng.choice(_CHAIN[out[-2:]])
+    return out[2:].rstrip("$")
+
+
+def _random_word(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+
+
 def invented_place(rng: random.Random) -> str:
-    """A pronounceable name that is not a held-out city (retry on a collision)."""
+    """A made-up place name (syllables, letter-chain or random letters) that shares no
+    word with a held-out city, so the held-out set stays unseen."""
     while True:
-        words = []
-        for _ in range(1 if rng.random() < 0.8 else 2):
-            syllables = [
-                rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3))
-            ]
-            words.append(("".join(syllables) + rng.choice(_CODAS)).capitalize())
-        name = " ".join(words)
-        if name not in HELDOUT_CITIES and len(name) > 2:
-            return name
+        make = rng.choices((_syllable_word, _chain_word, _random_word), (0.35, 0.45, 0.2))[0]
+        words = [make(rng).capitalize() for _ in range(1 if rng.random() < 0.8 else 2)]
+        if all(len(w) > 2 and w not in _HELDOUT_WORDS for w in words):
+            return " ".join(words)
 
 
 def training_number(rng: random.Random, digits: int) -> int:
