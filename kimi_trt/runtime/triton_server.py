@@ -101,17 +101,18 @@ class ServerPorts:
 
 
 def tritonserver_args(
-    repo: Path,
+    repo: Path | list[Path],
     ports: ServerPorts,
     host: str = "127.0.0.1",
     backend_dir: Path | None = None,
     load_only: list[str] | None = None,
     rank: int = 0,
 ) -> list[str]:
-    """One tritonserver command line (binary included)."""
+    """One tritonserver command line (binary included); several repositories may be given."""
+    repos = repo if isinstance(repo, list) else [repo]
     args = [
         str(tritonserver_binary()),
-        f"--model-repository={Path(repo).resolve()}",
+        *(f"--model-repository={Path(r).resolve()}" for r in repos),
         f"--backend-directory={backend_dir or python_backend_dir()}",
         f"--http-address={host}",
         f"--grpc-address={host}",
@@ -165,10 +166,13 @@ class TritonServer:
         host: str = "127.0.0.1",
         ports: ServerPorts | None = None,
         log_file: str | Path | None = None,
+        extra_repos: tuple[str | Path, ...] = (),
+        load_only: list[str] | None = None,
     ):
         self.repo = Path(repo)
-        if not self.repo.is_dir():
-            raise UserError(f"{self.repo}: model repository not found")
+        for r in (self.repo, *map(Path, extra_repos)):
+            if not r.is_dir():
+                raise UserError(f"{r}: model repository not found")
         self.host = host
         self.ports = ports or ServerPorts()
         if world_size > 1:
@@ -178,7 +182,8 @@ class TritonServer:
                 self.repo, Path(engine_dir), world_size, engine_kind, self.ports, host
             )
         else:
-            self.command = tritonserver_args(self.repo, self.ports, host)
+            repos = [self.repo, *map(Path, extra_repos)]
+            self.command = tritonserver_args(repos, self.ports, host, load_only=load_only)
         self.log_file = Path(log_file) if log_file else None
         self.process: subprocess.Popen | None = None
 

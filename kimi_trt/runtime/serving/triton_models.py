@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.sampling import SamplingParams
 
 log = logging.getLogger("kimi_trt.triton")
 DEFAULT_MAX_TOKENS = 64
@@ -59,8 +58,10 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def sampling_from_request(request) -> SamplingParams:
+def sampling_from_request(request):
     """SamplingParams from the tensorrt_llm-style inputs (UserError on bad values)."""
+    from kimi_trt.runtime.sampling import SamplingParams  # torch: only the engine model needs it
+
     seed = _scalar(request, "seed", None)
     stops = _optional(request, "stop_token_ids")
     return SamplingParams(

@@ -1,0 +1,362 @@
+"""Triton: generated repositories (parsed with Triton's own schema), and a real tritonserver
+(the binary bundled with nvidia-pytriton) serving them on 127.0.0.1 to tritonclient gRPC
+and HTTP, and to `kimi-trt serve --triton` driven by the openai client."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from kimi_trt.runtime.tokenizer import KimiTokenizer
+from kimi_trt.runtime.triton_repo import write_triton_repo
+from kimi_trt.runtime.triton_server import ServerPorts, TritonServer, leader_mode_command
+from tests.conftest import cli_env
+from tests.serving_support import (
+    ARGUMENTS,
+    CONTENT,
+    MESSAGES,
+    TOOL_NAME,
+    TOOLS,
+    api_server,
+    script_tokens,
+    scripted_engine,
+)
+
+pytestmark = pytest.mark.serving
+SMALL_VOCAB = Path(__file__).resolve().parent.parent / "kimi_trt" / "assets" / "small-vocab"
+
+
+def load_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def load_repo(repo: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    return {p.parent.name: load_config(p) for p in sorted(repo.glob("*/config.pbtxt"))}
+
+
+def params(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def fake_trtllm_engine(root: Path, world: int, max_batch: int = 16) -> Path:
+    """An engine dir as `kimi-trt build` (backend trtllm) leaves it; engine bytes are not read."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = {
+        "version": "1.2.1",
+        "pretrained_config": {
+            "architecture": "KimiK2ForCausalLM",
+            "vocab_size": 1280,
+            "mapping": {"world_size": world, "tp_size": world, "pp_size": 1},
+            "kimi_trt": {"hf_config": {"eos_token_id": 1025}},
+        },
+        "build_config": {
+            "max_batch_size": max_batch,
+            "max_input_len": 1024,
+            "max_seq_len": 2048,
+            "max_beam_width": 1,
+            "max_num_tokens": 4096,
+        },
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    for rank in range(world):
+        (root / f"rank{rank}.engine").write_bytes(b"\0")
+    for f in SMALL_VOCAB.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def check_ensemble(models: dict[str, model_config_pb2.ModelConfig]) -> None:
+    """Every step's maps name real tensors of its model, with matching data types."""
+    ensemble = models["ensemble"]
+    types = {i.name: i.data_type for i in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = models[step.model_name]
+        inputs = {i.name: i for i in model.input}
+        outputs = {o.name: o for o in model.output}
+        for key, value in step.input_map.items():
+            assert key in inputs, (step.model_name, key)
+            assert types[value] == inputs[key].data_type, (step.model_name, key)
+        required = {n for n, i in inputs.items() if not i.optional}
+        assert required <= set(step.input_map), (step.model_name, required - set(step.input_map))
+        for key, value in step.output_map.items():
+            assert key in outputs, (step.model_name, key)
+            types[value] = outputs[key].data_type
+    for out in ensemble.output:
+        assert types[out.name] == out.data_type
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_trtllm_repository(tmp_path, world):
+    engine = fake_trtllm_engine(tmp_path / "engine", world)
+    repo = tmp_path / "repo"
+    write_triton_repo(engine, repo)
+    models = load_repo(repo)
+    assert set(models) == {"preprocessing", "tensorrt_llm", "postprocessing", "ensemble"}
+    llm = models["tensorrt_llm"]
+    assert llm.backend == "tensorrtllm" and llm.max_batch_size == 16
+    assert llm.model_transaction_policy.decoupled
+    p = params(llm)
+    assert p["gpt_model_path"] == str(engine.resolve())
+    assert p["gpt_model_type"] == "inflight_fused_batching"
+    assert p["max_beam_width"] == "1"
+    assert p["batch_scheduler_policy"] == "guaranteed_no_evict"
+    assert float(p["kv_cache_free_gpu_mem_fraction"]) == 0.9
+    if world > 1:
+        assert p["participant_ids"] == "0,1,2,3" and p["gpu_device_ids"] == "0,1,2,3"
+    else:
+        assert "participant_ids" not in p
+    for name in ("preprocessing", "postprocessing"):
+        assert params(models[name])["tokenizer_dir"] == str(engine.resolve())
+        assert (repo / name / "1" / "model.py").is_file()
+    check_ensemble(models)
+    assert not (tmp_path / "repo.partial").exists()
+
+
+def test_trtllm_repository_options_via_cli(tmp_path):
+    engine = fake_trtllm_engine(tmp_path / "engine", 2)
+    repo = tmp_path / "repo"
+    cmd = [sys.executable, "-m", "kimi_trt.cli", "triton-repo", "--engine-dir", str(engine)]
+    cmd += ["--out", str(repo), "--no-streaming", "--max-batch-size", "4"]
+    cmd += ["--kv-cache-free-gpu-mem-fraction", "0.5", "--batch-scheduler-policy"]
+    cmd += ["max_utilization", "--enable-kv-cache-reuse", "--gpu-device-ids", "2,3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env())
+    assert done.returncode == 0, done.stderr
+    llm = load_repo(repo)["tensorrt_llm"]
+    p = params(llm)
+    assert not llm.model_transaction_policy.decoupled and llm.max_batch_size == 4
+    assert p["kv_cache_free_gpu_mem_fraction"] == "0.5"
+    assert p["batch_scheduler_policy"] == "max_utilization"
+    assert p["enable_kv_cache_reuse"] == "true" and p["gpu_device_ids"] == "2,3"
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        ("none", [], "engine dir not found"),
+        ("world", [], "world_size 4 but 2 rank*.engine"),
+        ("notok", [], "tiktoken.model"),
+        ("full", [], "not empty"),
+        ("ok", ["--gpu-device-ids", "0,x"], "comma-separated integers"),
+        ("ok", ["--kv-cache-free-gpu-mem-fraction", "1.5"], "kv_cache_free_gpu_mem_fraction"),
+    ],
+)
+def test_triton_repo_user_errors(tmp_path, setup, args, message):
+    engine, out = tmp_path / "engine", tmp_path / "repo"
+    if setup != "none":
+        fake_trtllm_engine(engine, 2)
+    if setup == "world":
+        cfg = json.loads((engine / "config.json").read_text())
+        cfg["pretrained_config"]["mapping"]["world_size"] = 4
+        (engine / "config.json").write_text(json.dumps(cfg))
+    if setup == "notok":
+        (engine / "tiktoken.model").unlink()
+    if setup == "full":
+        out.mkdir()
+        (out / "something").write_text("x")
+    cmd = [sys.executable, "-m", "kimi_trt.cli", "triton-repo", "--engine-dir", str(engine)]
+    done = subprocess.run(
+        cmd + ["--out", str(out), *args], capture_output=True, text=True, env=cli_env()
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_leader_mode_commands(tmp_path):
+    repo, engine = tmp_path / "repo", tmp_path / "engine"
+    ports = ServerPorts(1, 2, 3)
+    trt = leader_mode_command(repo, engine, 2, "trtllm", ports, "127.0.0.1")
+    ranks = " ".join(trt).split(" : ")
+    assert len(ranks) == 2 and all("tritonserver" in r for r in ranks)
+    assert "--load-model=tensorrt_llm" in ranks[1] and "--load-model" not in ranks[0]
+    torch_cmd = " ".join(leader_mode_command(repo, engine, 3, "torch", ports, "127.0.0.1"))
+    ranks = torch_cmd.split(" : ")
+    assert len(ranks) == 3 and "tritonserver" in ranks[0]
+    assert all("triton-worker --engine-dir" in r for r in ranks[1:])
+
+
+# ---- a real tritonserver ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    return scripted_engine(tmp_path_factory.mktemp("triton"))
+
+
+@pytest.fixture(scope="module")
+def triton(engine_dir, tmp_path_factory):
+    """tritonserver with the torch repository and the TensorRT-LLM repository's text models."""
+    root = tmp_path_factory.mktemp("repos")
+    write_triton_repo(engine_dir, root / "torch_repo")
+    write_triton_repo(fake_trtllm_engine(root / "trt_engine", 1), root / "trt_repo")
+    server = TritonServer(
+        root / "torch_repo",
+        extra_repos=(root / "trt_repo",),
+        load_only=["kimi", "kimi_sync", "preprocessing", "postprocessing"],
+        log_file=root / "triton.log",
+    )
+    with server:
+        yield server
+
+
+def _inputs(module, values: dict[str, np.ndarray]) -> list:
+    out = []
+    for name, value in values.items():
+        dtype = "BYTES" if value.dtype == np.object_ else module.np_to_triton_dtype(value.dtype)
+        tensor = module.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        out.append(tensor)
+    return out
+
+
+def grpc_generate(url: str, values: dict[str, np.ndarray], cancel_after: int | None = None):
+    """Stream one request on the `kimi` model; returns (responses, finish_reason)."""
+    client = grpcclient.InferenceServerClient(url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("kimi", _inputs(grpcclient, values))
+    responses, reason = [], None
+    try:
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            responses.append(result)
+            reason = result.as_numpy("finish_reason")[0].decode()
+            if reason or (cancel_after is not None and len(responses) >= cancel_after):
+                break
+    finally:
+        client.stop_stream(cancel_requests=cancel_after is not None)
+        client.close()
+    return responses, reason
+
+
+def test_grpc_streaming_follows_the_script(triton, engine_dir):
+    tokenizer = KimiTokenizer.from_dir(engine_dir)
+    prompt = tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
+    values = {
+        "input_ids": np.asarray(prompt, dtype=np.int32),
+        "request_output_len": np.asarray([64], dtype=np.int32),
+        "temperature": np.asarray([0.0], dtype=np.float32),
+    }
+    responses, reason = grpc_generate(triton.grpc_url, values)
+    tokens = [int(t) for r in responses for t in r.as_numpy("output_ids")]
+    assert tokens == script_tokens(engine_dir) and reason == "stop"
+    text = "".join(r.as_numpy("text_output")[0].decode() for r in responses)
+    assert text == tokenizer.decode(tokens)
+    assert len(responses) == len(tokens) + 1  # one per token, then the final one
+
+
+def test_http_sync_model_equals_stream(triton, engine_dir):
+    values = {
+        "text_input": np.asarray([b"Hello there"], dtype=np.object_),
+        "request_output_len": np.asarray([12], dtype=np.int32),
+        "temperature": np.asarray([0.0], dtype=np.float32),
+    }
+    client = httpclient.InferenceServerClient(triton.http_url)
+    result = client.infer("kimi_sync", _inputs(httpclient, values))
+    client.close()
+    responses, reason = grpc_generate(triton.grpc_url, values)
+    streamed = [int(t) for r in responses for t in r.as_numpy("output_ids")]
+    assert result.as_numpy("output_ids").tolist() == streamed and len(streamed) == 12
+    assert result.as_numpy("finish_reason")[0].decode() == reason == "length"
+    tokenizer = KimiTokenizer.from_dir(engine_dir)
+    assert result.as_numpy("text_output")[0].decode() == tokenizer.decode(streamed)
+
+
+def test_bad_request_is_a_triton_error(triton):
+    client = httpclient.InferenceServerClient(triton.http_url)
+    values = {"request_output_len": np.asarray([4], dtype=np.int32)}
+    with pytest.raises(Exception, match="input_ids or text_input"):
+        client.infer("kimi_sync", _inputs(httpclient, values))
+    values = {
+        "input_ids": np.asarray([1] * 5000, dtype=np.int32),
+        "request_output_len": np.asarray([4], dtype=np.int32),
+    }
+    with pytest.raises(Exception, match="accepts at most"):
+        client.infer("kimi_sync", _inputs(httpclient, values))
+    client.close()
+
+
+def test_grpc_cancel_frees_the_engine(triton):
+    """A cancelled 2000-token request must not hold the engine: the next one runs at once."""
+    long = {
+        "text_input": np.asarray([b"Once upon a time"], dtype=np.object_),
+        "request_output_len": np.asarray([2000], dtype=np.int32),
+        "temperature": np.asarray([0.0], dtype=np.float32),
+    }
+    responses, _ = grpc_generate(triton.grpc_url, long, cancel_after=3)
+    assert len(responses) == 3
+    start = time.monotonic()
+    short = dict(long, request_output_len=np.asarray([4], dtype=np.int32))
+    responses, reason = grpc_generate(triton.grpc_url, short)
+    assert reason == "length" and time.monotonic() - start < 30
+
+
+def test_trtllm_text_models(triton, engine_dir):
+    """The TensorRT-LLM repository's preprocessing/postprocessing with KimiTokenizer."""
+    tokenizer = KimiTokenizer.from_dir(SMALL_VOCAB)
+    client = httpclient.InferenceServerClient(triton.http_url)
+    queries = [b"Hello there", b"<|im_user|>user<|im_middle|>hi<|im_end|>"]
+    pre = client.infer(
+        "preprocessing",
+        _inputs(
+            httpclient,
+            {
+                "QUERY": np.asarray([[q] for q in queries], dtype=np.object_),
+                "REQUEST_OUTPUT_LEN": np.asarray([[8], [8]], dtype=np.int32),
+            },
+        ),
+    )
+    ids, lengths = pre.as_numpy("INPUT_ID"), pre.as_numpy("REQUEST_INPUT_LEN")
+    for row, query in enumerate(queries):
+        expected = tokenizer.encode(query.decode())
+        assert ids[row, : lengths[row, 0]].tolist() == expected
+    eos, im_end = tokenizer.eos_token_ids
+    assert pre.as_numpy("OUT_END_ID").tolist() == [[im_end], [im_end]]
+    assert pre.as_numpy("STOP_WORDS_IDS")[0].tolist() == [[eos], [1]]
+    tokens = np.asarray([[tokenizer.encode("Paris is sunny") + [0, 0]]], dtype=np.int32)
+    post = client.infer(
+        "postprocessing",
+        _inputs(
+            httpclient,
+            {
+                "TOKENS_BATCH": tokens,
+                "SEQUENCE_LENGTH": np.asarray([[tokens.shape[2] - 2]], dtype=np.int32),
+            },
+        ),
+    )
+    assert post.as_numpy("OUTPUT")[0, 0].decode() == "Paris is sunny"
+    client.close()
+
+
+def test_openai_api_over_triton(triton, engine_dir, tmp_path):
+    with api_server(engine_dir, tmp_path / "serve.log", "--triton", triton.grpc_url) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model="kimi-k2", messages=MESSAGES, tools=TOOLS, temperature=0)
+        whole = client.chat.completions.create(**kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.content == CONTENT
+        (call,) = whole.message.tool_calls
+        assert call.function.name == TOOL_NAME
+        assert json.loads(call.function.arguments) == json.loads(ARGUMENTS)
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        args = "".join(
+            tc.function.arguments or ""
+            for c in chunks
+            if c.choices
+            for tc in c.choices[0].delta.tool_calls or []
+        )
+        assert content == CONTENT and args == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
