@@ -260,7 +260,11 @@ def run(
 @click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository dir.")
 @click.option("--tokenizer-dir", type=click.Path(path_type=Path), help="Default: the engine dir's.")
-@click.option("--no-streaming", is_flag=True, help="Not decoupled: one response per request.")
+@click.option(
+    "--no-streaming",
+    is_flag=True,
+    help="tensorrt_llm not decoupled (one response per request); torch repos: kimi_sync.",
+)
 @click.option("--max-batch-size", "triton_max_batch_size", type=int, help="Default: the engine's.")
 @click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True)
 @click.option(

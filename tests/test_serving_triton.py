@@ -195,6 +195,21 @@ def engine_dir(tmp_path_factory):
     return scripted_engine(tmp_path_factory.mktemp("triton"))
 
 
+def test_torch_repository(engine_dir, tmp_path):
+    write_triton_repo(engine_dir, tmp_path / "repo")
+    models = load_repo(tmp_path / "repo")
+    assert set(models) == {"kimi", "kimi_sync"}
+    kimi, sync = models["kimi"], models["kimi_sync"]
+    assert kimi.backend == sync.backend == "python"
+    assert kimi.model_transaction_policy.decoupled and not sync.model_transaction_policy.decoupled
+    assert params(kimi)["engine_dir"] == str(engine_dir.resolve())
+    assert params(sync)["target_model"] == "kimi"
+    assert {i.name for i in sync.input} <= {i.name for i in kimi.input}
+    for name in models:
+        shim = (tmp_path / "repo" / name / "1" / "model.py").read_text()
+        assert "TritonPythonModel" in shim and str(Path(__file__).parents[1]) in shim
+
+
 @pytest.fixture(scope="module")
 def triton(engine_dir, tmp_path_factory):
     """tritonserver with the torch repository and the TensorRT-LLM repository's text models."""

@@ -64,7 +64,7 @@ class RepoOptions:
     """Deployment choices that are not in the engine (defaults follow tensorrtllm_backend's)."""
 
     tokenizer_dir: Path | None = None
-    streaming: bool = True  # decoupled transaction policy: required for streamed tokens
+    streaming: bool = True  # tensorrt_llm decoupled (streamed tokens); torch repos always stream
     triton_max_batch_size: int | None = None  # default: the engine's max_batch_size
     kv_cache_free_gpu_mem_fraction: float = 0.9
     batch_scheduler_policy: str = "guaranteed_no_evict"  # or max_utilization
@@ -257,7 +257,7 @@ def torch_model_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, d
         "name": TORCH_MODEL,
         "backend": "python",
         "max_batch_size": 0,
-        "model_transaction_policy": {"decoupled": opts.streaming},
+        "model_transaction_policy": {"decoupled": True},  # kimi_sync serves whole responses
         "input": TORCH_INPUTS,
         "output": TORCH_OUTPUTS,
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],

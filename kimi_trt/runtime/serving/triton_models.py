@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -77,14 +76,12 @@ def sampling_from_request(request):
 class _Responder:
     """Streams one request's tokens to its response sender (called on the batcher thread)."""
 
-    def __init__(self, sender, tokenizer, streaming: bool, done: threading.Event | None = None):
+    def __init__(self, sender, tokenizer, streaming: bool):
         self.sender = sender
         self.streaming = streaming
         self.detok = tokenizer.detokenizer() if tokenizer is not None else None
         self.tokens: list[int] = []
         self.text = ""
-        self.done = done
-        self.final: Any = None
 
     def _response(self, ids: list[int], text: str, reason: str):
         pb = _pb()
@@ -97,7 +94,7 @@ class _Responder:
         )
 
     def on_token(self, token: int) -> bool:
-        if self.sender is not None and self.sender.is_cancelled():
+        if self.sender.is_cancelled():
             return False
         self.tokens.append(token)
         delta = self.detok.feed(token) if self.detok is not None else ""
@@ -119,14 +116,7 @@ class _Responder:
                 response = self._response([], tail, reason)
             else:
                 response = self._response(self.tokens, self.text, reason)
-        self._deliver(response)
-
-    def _deliver(self, response) -> None:
-        if self.sender is not None:
-            self.sender.send(response, flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        self.final = response
-        if self.done is not None:
-            self.done.set()
+        self.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 class KimiEngineModel:
@@ -137,9 +127,8 @@ class KimiEngineModel:
         from kimi_trt.runtime.serving.batcher import EngineBatcher
 
         params = _parameters(args)
-        self.decoupled = _pb().using_decoupled_model_transaction_policy(
-            json.loads(args["model_config"])
-        )
+        if not _pb().using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
+            raise ValueError("the kimi model must be decoupled (kimi_sync serves whole responses)")
         self.engine = load_engine(params["engine_dir"])
         self.tokenizer = self.engine.tokenizer
         window = float(params.get("batch_window_ms", "5")) / 1000.0
@@ -156,31 +145,23 @@ class KimiEngineModel:
             raise UserError("this engine dir has no tokenizer: send input_ids, not text_input")
         return self.tokenizer.encode(_text(text.reshape(-1)[0]))
 
-    def _submit(self, request, sender, streaming: bool, done=None) -> _Responder:
+    def _submit(self, request) -> None:
         from kimi_trt.runtime.serving.batcher import BatchRequest
 
-        responder = _Responder(sender, self.tokenizer, streaming, done)
+        streaming = bool(_scalar(request, "streaming", True))
+        responder = _Responder(request.get_response_sender(), self.tokenizer, streaming)
         try:
             prompt, params = self._prompt(request), sampling_from_request(request)
         except (UserError, ValueError) as e:
             responder.on_done(None, UserError(str(e)))
-            return responder
+            return
         self.batcher.submit(BatchRequest(prompt, params, responder.on_token, responder.on_done))
-        return responder
 
     def execute(self, requests):
-        if self.decoupled:
-            for request in requests:
-                streaming = bool(_scalar(request, "streaming", True))
-                self._submit(request, request.get_response_sender(), streaming)
-            return None
-        waits = []
+        """Hand each request to the batcher and return at once (responses come from its thread)."""
         for request in requests:
-            done = threading.Event()
-            waits.append((self._submit(request, None, False, done), done))
-        for _, done in waits:
-            done.wait()
-        return [responder.final for responder, _ in waits]
+            self._submit(request)
+        return None
 
     def finalize(self) -> None:
         self.batcher.close()
