@@ -227,3 +227,17 @@ def test_cli_run_json_and_text(tiny_ckpt, root, tiny_engine, tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:")
     assert "tokenizer" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_trtllm_engine_dir_needs_gpu(tmp_path):
+    """rank{N}.engine dirs go to the TensorRT-LLM backend: exit 3 with the reason off-GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: the backend would try to load the (fake) engine")
+    (tmp_path / "rank0.engine").write_bytes(b"\0")
+    (tmp_path / "config.json").write_text("{}")
+    cmd = [sys.executable, "-m", "kimi_trt.cli", "run", "--engine-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--prompt-ids", "1,2"], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert proc.returncode == 3
+    assert "TensorRT-LLM engines" in proc.stderr and "Traceback" not in proc.stderr

@@ -132,7 +132,8 @@ def load_engine(
     if any(path.glob("rank*.engine")):
         from kimi_trt.runtime.trtllm_backend import load_trtllm_engine
 
-        return load_trtllm_engine(path)
+        tokenizer = load_tokenizer(path, Path(tokenizer_dir) if tokenizer_dir else None)
+        return load_trtllm_engine(path, tokenizer)
     ckpt = find_checkpoint_dir(path)
     if ckpt is None:
         raise ConfigError(
