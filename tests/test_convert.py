@@ -64,31 +64,21 @@ class Gathered:
         self.ranks: list[dict[str, torch.Tensor]] = []
         for r in range(self.cfg.world_size):
             with safe_open(str(self.cfg.rank_file(r)), "pt") as f:
-                self.ranks.append(self._decode(f))
+                self.ranks.append(self._decode(f, r))
 
-    def _decode(self, f) -> dict[str, torch.Tensor]:
-        fmts, block = self.cfg.formats, self.cfg.weight_block_size
-        cls_fmt = {
-            "attention": fmts.attention,
-            "mlp.shared_expert": fmts.for_class("shared_expert"),
-        }
+    def _decode(self, f, rank: int) -> dict[str, torch.Tensor]:
+        """Float32 value of every weight; linear weights decoded in their class's format."""
+        cfg = self.cfg
+        specs = rank_tensor_specs(cfg.model, self.m, cfg.formats, rank)
         out = {}
-        for name in f.keys():
-            if name.endswith(("weight_scale_inv", "per_channel_scale")):
+        for t in specs:
+            if t.role == "scale":
                 continue
-            fmt = "plain"
-            if ".attention." in name and name.endswith(".weight") and "layernorm" not in name:
-                fmt = cls_fmt["attention"]
-            elif ".mlp.shared_expert." in name:
-                fmt = cls_fmt["mlp.shared_expert"]
-            elif ".mlp.fc." in name or ".mlp.proj." in name or ".mlp.gate.weight" in name:
-                fmt = fmts.experts if f.get_slice(name).get_shape().__len__() == 3 else None
-                fmt = fmt or fmts.dense_mlp
-            out[name] = (
-                f.get_tensor(name).float()
-                if fmt == "plain"
-                else decode_weight(f.get_tensor, name, fmt, block)
-            )
+            if t.rule.kind == "linear":
+                fmt = cfg.formats.for_class(t.cls)
+                out[t.name] = decode_weight(f.get_tensor, t.name, fmt, cfg.weight_block_size)
+            else:
+                out[t.name] = f.get_tensor(t.name).float()
         return out
 
     def attn_group(self) -> list[int]:

@@ -57,14 +57,20 @@ class ErrorStats:
     abs_sum: float = 0.0
     pieces: int = 0
 
-    def add(self, exact: torch.Tensor, approx: torch.Tensor) -> None:
-        diff = (approx.to(torch.float32) - exact).abs()
-        amax = float(exact.abs().max()) if exact.numel() else 0.0
-        if amax > 0:
-            self.max_rel = max(self.max_rel, float(diff.max()) / amax)
-        self.abs_err_sum += float(diff.sum(dtype=torch.float64))
-        self.abs_sum += float(exact.abs().sum(dtype=torch.float64))
-        self.pieces += 1
+    def add(self, exact: torch.Tensor, approx: torch.Tensor, pieces_dim0: bool = False) -> None:
+        """Account one piece (or, with `pieces_dim0`, each slice along dim 0 as a piece)."""
+        if not exact.numel():
+            return
+        diff = approx.to(torch.float32, copy=True).sub_(exact).abs_()
+        mag = exact.abs()
+        if not pieces_dim0:
+            diff, mag = diff.unsqueeze(0), mag.unsqueeze(0)
+        amax = mag.flatten(1).amax(1)
+        ratio = diff.flatten(1).amax(1) / amax.clamp_min(torch.finfo(torch.float32).tiny)
+        self.max_rel = max(self.max_rel, float(ratio[amax > 0].max()) if (amax > 0).any() else 0.0)
+        self.abs_err_sum += float(diff.sum())
+        self.abs_sum += float(mag.sum())
+        self.pieces += diff.shape[0]
 
     def merge(self, other: ErrorStats) -> None:
         self.max_rel = max(self.max_rel, other.max_rel)

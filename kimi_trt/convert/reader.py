@@ -5,7 +5,10 @@ file) and checks them against `hf_layout.hf_tensors(cfg)`: shards present and no
 truncated, every expected tensor present with the right dtype and shape (FP8 scales
 included), unknown tensors reported. `check_scales` then reads only the small FP8 scale
 tensors and refuses NaN/Inf/non-positive values. Weights are read later, slice by slice,
-with `safe_open(...).get_slice` - never a whole shard, never the whole model.
+with `os.preadv` straight into a tensor at the offsets the header gives - never a whole
+shard, never the whole model. (Not mmap/`safe_open`: every mapped page a process touches
+counts toward its resident memory until unmapped, so RSS would grow with the model;
+a pread leaves nothing behind but the page cache, and skips one copy.)
 Every error is one line naming the file and the tensor.
 """
 
@@ -13,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from kimi_trt.config import ModelConfig
 from kimi_trt.convert.formats import Piece
@@ -30,6 +33,7 @@ from kimi_trt.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_LISTED = 5
+_COL_CHUNK_BYTES = 16 << 20  # rows read at once when only some columns are kept
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class SourceTensor:
     dtype: str  # safetensors dtype string, e.g. F8_E4M3
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # absolute file offset of the tensor's first byte
 
 
 def _listing(names: list[str]) -> str:
@@ -75,7 +80,9 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
                 f"{path}: truncated: tensor {name} ends at byte {end} of the data section "
                 f"but the file holds {data_size} data bytes"
             )
-        out[name] = SourceTensor(name, path.name, info["dtype"], tuple(info["shape"]), end - start)
+        out[name] = SourceTensor(
+            name, path.name, info["dtype"], tuple(info["shape"]), end - start, 8 + n + start
+        )
     return out
 
 
@@ -128,25 +135,47 @@ class HFCheckpoint:
         return cls(path, model, tensors), unknown
 
     # ---- reading ---------------------------------------------------------------------------
-    def _handle(self, file: str):
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        if file not in handles:
-            handles[file] = safe_open(str(self.path / file), framework="pt")
-        return handles[file]
+    def _fd(self, file: str) -> int:
+        fds = getattr(self._local, "fds", None)
+        if fds is None:
+            fds = self._local.fds = {}
+        if file not in fds:
+            fds[file] = os.open(self.path / file, os.O_RDONLY)
+        return fds[file]
+
+    def _pread_into(self, file: str, out: torch.Tensor, offset: int) -> None:
+        """Fill contiguous `out` with the file's bytes at `offset` (short reads retried)."""
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        fd, done = self._fd(file), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(
+                    f"{self.path / file}: unexpected end of file at byte {offset + done}"
+                )
+            done += n
 
     def read(
         self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """A tensor or a [rows, cols] slice of it (only the slice's bytes are read)."""
+        """A tensor or a [rows, cols] slice of it (only the rows' bytes are read)."""
         info = self.tensors[name]
-        sl = self._handle(info.file).get_slice(name)
-        r = slice(*rows) if rows else slice(None)
-        if len(info.shape) == 1:
-            return sl[r]
-        c = slice(*cols) if cols else slice(None)
-        return sl[r, c]
+        dtype, shape = ST_TO_DTYPE[info.dtype], info.shape
+        r0, r1 = rows or (0, shape[0])
+        row_bytes = info.nbytes // shape[0] if shape[0] else 0
+        if cols is None or len(shape) == 1:
+            out = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
+            self._pread_into(info.file, out, info.offset + r0 * row_bytes)
+            return out
+        c0, c1 = cols
+        out = torch.empty((r1 - r0, c1 - c0), dtype=dtype)
+        chunk = max(1, _COL_CHUNK_BYTES // max(row_bytes, 1))
+        buf = torch.empty((min(chunk, r1 - r0), shape[1]), dtype=dtype)
+        for a in range(r0, r1, chunk):
+            part = buf[: min(chunk, r1 - a)]
+            self._pread_into(info.file, part, info.offset + a * row_bytes)
+            out[a - r0 : a - r0 + part.shape[0]] = part[:, c0:c1]
+        return out
 
     def piece(
         self, base: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -96,31 +97,28 @@ class StreamingSafetensorsWriter:
         self._next += 1
 
     def write_parts(self, name: str, parts) -> None:
-        """Write the next tensor as consecutive slices along dim 0 (bounded memory).
+        """Write the next tensor as consecutive row-major chunks (bounded memory).
 
-        `parts` yields tensors whose trailing dims equal the spec's and whose dim-0 sizes
-        add up to the spec's; used for stacked experts and large vocab matrices.
+        Each part has the spec's dtype; their elements, concatenated in order, are the
+        tensor's (the total count is checked) (e.g. one expert's up rows, then its gate rows, of a
+        stacked [E, 2I, H] tensor). Used for stacked experts and large vocab matrices.
         """
         if self._next >= len(self.specs):
             raise ValueError(f"{self.path}: unexpected extra tensor {name}")
         spec = self.specs[self._next]
-        rows = 0
+        want = math.prod(spec.shape)
+        got = 0
         for part in parts:
-            if (
-                name != spec.name
-                or part.dtype != spec.dtype
-                or tuple(part.shape[1:]) != spec.shape[1:]
-                or part.dim() != len(spec.shape)
-            ):
+            if name != spec.name or part.dtype != spec.dtype:
                 raise ValueError(
                     f"{self.path}: part of {name} {part.dtype} {tuple(part.shape)} does not "
                     f"fit {spec.name} {spec.dtype} {spec.shape}"
                 )
             t = part.detach().contiguous().cpu()
             self._emit(memoryview(t.view(torch.uint8).numpy()))
-            rows += part.shape[0]
-        if rows != spec.shape[0]:
-            raise ValueError(f"{self.path}: {name} got {rows} rows, expected {spec.shape[0]}")
+            got += part.numel()
+        if got != want:
+            raise ValueError(f"{self.path}: {name} got {got} elements, expected {want}")
         self._next += 1
 
     def close(self) -> str:

@@ -2,8 +2,8 @@
 
 Each transform reads the rank's slices of its HF sources (`HFCheckpoint.piece/read`),
 stores them in the target's format and yields the stored tensor in consecutive parts
-along dim 0 (a part is one source slice, one expert, one head or a block of vocab rows),
-so a rank file is written with at most one part in memory. `TRANSFORMS` maps the names
+as consecutive row-major chunks (a part is one source slice, one head or a block of
+vocab rows), so a rank file is written with at most one part in memory. `TRANSFORMS` maps the names
 used in `weight_table.Rule.transform` to these functions.
 """
 
@@ -93,35 +93,23 @@ def to_fp32(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     yield ctx.reader.read(_base(rule.sources[0], layer)).to(torch.float32), None
 
 
-def _stack(a: Part, b: Part | None = None) -> Part:
-    """One expert's stored slice(s) as a [1, ...] part (scales stacked the same way)."""
-    w = a[0] if b is None else torch.cat([a[0], b[0]])
-    s = a[1] if b is None else (None if a[1] is None else torch.cat([a[1], b[1]]))
-    return w.unsqueeze(0), None if s is None else s.unsqueeze(0)
-
-
 def experts_up_gate(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """Per local expert: [up rows of this moe_tp rank ; gate rows of this moe_tp rank]."""
+    """Per local expert: up rows of this moe_tp rank, then its gate rows ([El, 2Il, H])."""
     rows = ctx.moe_span(ctx.model.moe_intermediate_size)
     for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
-        up, gate = (_base(s, layer, e) for s in rule.sources)
-        yield _stack(
-            ctx.encode(ctx.reader.piece(up, rows), rule),
-            ctx.encode(ctx.reader.piece(gate, rows), rule),
-        )
+        for src in rule.sources:
+            yield ctx.encode(ctx.reader.piece(_base(src, layer, e), rows), rule)
 
 
 def experts_down(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """Per local expert: the down_proj columns of this moe_tp rank."""
+    """Per local expert: the down_proj columns of this moe_tp rank ([El, H, Il])."""
     cols = ctx.moe_span(ctx.model.moe_intermediate_size)
     for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
-        yield _stack(
-            ctx.encode(ctx.reader.piece(_base(rule.sources[0], layer, e), None, cols), rule)
-        )
+        yield ctx.encode(ctx.reader.piece(_base(rule.sources[0], layer, e), None, cols), rule)
 
 
 def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """fused_q_proj per local head: [Wk_nope^T @ Wq_nope ; Wq_pe], computed in float32."""
+    """fused_q_proj of the local heads: per head [Wk_nope^T @ Wq_nope ; Wq_pe], in float32."""
     m = ctx.model
     heads = m.num_attention_heads // ctx.mapping.attn_tp_size
     q_base, kv_base = (_base(s, layer) for s in rule.sources)
@@ -131,15 +119,11 @@ def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     )
     wq = wq.dequantized().view(heads, m.qk_head_dim, m.q_lora_rank)
     wkv = wkv.dequantized().view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-    dtype = mla_dtype(ctx.formats)
-    stats = ctx.derived.setdefault(rule.target, ErrorStats())
-    for n in range(heads):
-        q_nope, q_pe = wq[n, : m.qk_nope_head_dim], wq[n, m.qk_nope_head_dim :]
-        k_nope = wkv[n, : m.qk_nope_head_dim]
-        exact = torch.cat([k_nope.T @ q_nope, q_pe])  # [kl + rope, ql]
-        stored = exact.to(dtype)
-        stats.add(exact, stored)
-        yield stored, None
+    nope = m.qk_nope_head_dim
+    exact = torch.cat([torch.einsum("hdq,hdk->hkq", wq[:, :nope], wkv[:, :nope]), wq[:, nope:]], 1)
+    stored = exact.to(mla_dtype(ctx.formats))  # [hl, kl + rope, ql]
+    ctx.derived.setdefault(rule.target, ErrorStats()).add(exact, stored, pieces_dim0=True)
+    yield stored.reshape(-1, m.q_lora_rank), None
 
 
 def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
