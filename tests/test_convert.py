@@ -322,3 +322,29 @@ def test_k2_rank_specs_match_published_shapes():
     assert specs["lm_head.weight"].shape == (163840, 7168)
     experts = sum(t.nbytes for t in specs.values() if t.cls == "experts")
     assert experts == 60 * 48 * 3 * 7168 * 2048 + 60 * 48 * (32 * 56 + 56 * 16) * 4
+
+
+def test_inspect_per_rank_checkpoint(tiny_ckpt, tmp_path):
+    """`kimi-trt inspect` on a converted dir: ranks, bytes per rank and class, lossy errors."""
+    from click.testing import CliRunner
+
+    from kimi_trt.cli import main
+
+    out = tmp_path / "out"
+    args = ["convert", "--quiet", "--checkpoint", str(tiny_ckpt), "--out", str(out)]
+    conv = CliRunner().invoke(main, [*args, "--tp", "2", "--format", "experts=int8_wo"])
+    assert conv.exit_code == 0, conv.output
+    assert "experts (int8_wo): max rel" in conv.output  # the one-screen summary
+    res = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert info["kind"] == "per_rank_checkpoint" and info["complete"]
+    assert (info["world_size"], info["tp"], info["ep"], info["moe_tp"]) == (2, 2, 2, 1)
+    for r, rank in enumerate(info["ranks"]):
+        assert rank["bytes"] == (out / f"rank{r}.safetensors").stat().st_size
+        assert rank["bytes_by_class"] == manifest["files"][f"rank{r}.safetensors"]["bytes_by_class"]
+    assert info["bytes_by_class"] == {k: v for k, v in manifest["bytes_by_class"].items() if v}
+    assert set(info["requant_error"]) == {"experts"}
+    text = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert "rank1.safetensors" in text and "experts" in text

@@ -88,9 +88,10 @@ def _check_out_dir(out: Path, config_hash: str, world: int) -> None:
                 f"{p}: output dir holds a safetensors file this conversion would not write "
                 f"(world size {world}); choose an empty --out"
             )
-    for p in out.glob("*.tmp"):
+    for p in out.glob("rank*.safetensors.tmp"):  # a killed run's partial rank file
         p.unlink()
-    (out / f"{STATE_NAME}.tmp").unlink(missing_ok=True)
+    for name in (STATE_NAME, CONFIG_NAME, MANIFEST_NAME):
+        (out / f"{name}.tmp").unlink(missing_ok=True)
 
 
 def _write_config(out: Path, config: dict[str, Any]) -> None:
