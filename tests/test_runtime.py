@@ -204,7 +204,7 @@ def test_cli_run_json_and_text(tiny_ckpt, root, tiny_engine, tmp_path):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(
         "\n".join(json.dumps({"prompt_ids": p}) for p in PROMPTS[:2])
-        + '\n{"prompt": "hello world"}\n'
+        + '\n{"prompt": "hello world"}\n{"chat": "What is the weather?"}\n'
     )
     cmd = [sys.executable, "-m", "kimi_trt.cli", "run", "--engine-dir", str(engine_dir)]
     out = subprocess.run(
@@ -221,7 +221,21 @@ def test_cli_run_json_and_text(tiny_ckpt, root, tiny_engine, tmp_path):
     for line, res in zip(lines[:2], expect, strict=True):
         assert line["tokens"] == res.tokens and line["finish_reason"] == res.finish_reason
         assert isinstance(line["text"], str)
-    assert len(lines) == 3 and lines[2]["prompt_tokens"]
+    assert len(lines) == 4 and lines[2]["prompt_tokens"]
+    im_end = 1026  # the small vocabulary's <|im_end|>: chat prompts end their turn with it
+    assert (
+        im_end in lines[3]["prompt_tokens"]
+        and lines[3]["prompt_tokens"] != lines[2]["prompt_tokens"]
+    )
+    text = subprocess.run(
+        [*cmd, "--prompt", "hello", "--tokenizer-dir", str(tiny_ckpt), "--max-new-tokens", "3"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+    assert text.returncode == 0 and text.stdout.strip()  # streamed text on stdout
+    assert "finish_reason=" in text.stderr
     bad = subprocess.run(
         [*cmd, "--prompt", "hi"], capture_output=True, text=True, env=cli_env(), timeout=120
     )

@@ -8,7 +8,6 @@ mine" (see failure.py) instead of printing a second, misleading message.
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -91,20 +90,16 @@ class Comm:
         start = offsets[self.rank]
         return x[start : start + counts[self.rank]]
 
-    # ---- control messages (rank 0 -> all) ----------------------------------------------
-    def broadcast_object(self, obj: Any, control: bool = False) -> Any:
-        """Rank 0's `obj` on every rank. `control=True` waits without a time limit (idle workers)."""
+    # ---- control messages (rank 0 -> all; gloo, no time limit) ---------------------------
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank. Waits without a time limit: idle workers sit here."""
         if self.is_single:
             return obj
         import torch.distributed as dist
 
-        group = self._groups.control if control else self._groups.default
         holder = [obj if self.rank == 0 else None]
-        if control or self._groups.backend == "gloo":
-            _guard(lambda: dist.broadcast_object_list(holder, src=0, group=group))
-            return holder[0]
-        # NCCL default group: send pickled bytes as a device tensor.
-        return _broadcast_pickle_nccl(obj, self.rank, self.device, group)
+        _guard(lambda: dist.broadcast_object_list(holder, src=0, group=self._groups.control))
+        return holder[0]
 
     def barrier(self) -> None:
         """Wait for every rank without a time limit (after loading weights of uneven size)."""
@@ -113,33 +108,3 @@ class Comm:
         import torch.distributed as dist
 
         _guard(lambda: dist.barrier(group=self._groups.control))
-
-    def max_int(self, value: int) -> int:
-        """The largest `value` over ranks (e.g. whether any rank failed a check)."""
-        if self.is_single:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        return int(self.all_reduce_max(t).item())
-
-    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_single:
-            return x
-        import torch.distributed as dist
-
-        _guard(lambda: dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self._groups.default))
-        return x
-
-
-def _broadcast_pickle_nccl(obj: Any, rank: int, device: torch.device, group: Any) -> Any:
-    import torch.distributed as dist
-
-    if rank == 0:
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
-        size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
-    else:
-        size = torch.zeros(1, dtype=torch.int64, device=device)
-    _guard(lambda: dist.broadcast(size, src=0, group=group))
-    if rank != 0:
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    _guard(lambda: dist.broadcast(payload, src=0, group=group))
-    return obj if rank == 0 else pickle.loads(payload.cpu().numpy().tobytes())

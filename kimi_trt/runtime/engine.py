@@ -243,7 +243,7 @@ class Engine:
     def shutdown(self) -> None:
         """Release the workers from worker_loop (rank 0; a no-op on one rank)."""
         if self.is_driver and self.world_size > 1:
-            self._rt.comm.broadcast_object(("shutdown",), control=True)
+            self._rt.comm.broadcast_object(("shutdown",))
         self._executor.release_cache()
 
     # ---- worker API (ranks > 0) ------------------------------------------------------
@@ -252,7 +252,7 @@ class Engine:
         if self.is_driver:
             raise RuntimeError("worker_loop() is for ranks > 0; rank 0 calls generate()")
         while True:
-            cmd = self._rt.comm.broadcast_object(None, control=True)
+            cmd = self._rt.comm.broadcast_object(None)
             if cmd[0] == "shutdown":
                 self._executor.release_cache()
                 return
@@ -269,7 +269,7 @@ class Engine:
     def _command(self, cmd: tuple):
         """Broadcast a command from rank 0 and run it here too."""
         if self.world_size > 1:
-            self._rt.comm.broadcast_object(cmd, control=True)
+            self._rt.comm.broadcast_object(cmd)
         return self._execute(cmd)
 
     def _step(self, plan: StepPlan) -> torch.Tensor:
