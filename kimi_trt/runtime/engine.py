@@ -156,6 +156,30 @@ def load_engine(
     return Engine(rt, executor, limits, tokenizer)
 
 
+def check_prompts(
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    vocab_size: int,
+    max_input_len: int,
+    max_seq_len: int,
+) -> None:
+    """UserError naming the first prompt an engine with these limits cannot run."""
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        if len(p) == 0:
+            raise UserError(f"prompt {i} is empty")
+        if len(p) > max_input_len:
+            raise UserError(
+                f"prompt {i} has {len(p)} tokens; this engine accepts at most {max_input_len}"
+            )
+        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        if bad:
+            raise UserError(
+                f"prompt {i}: token id {bad[0]!r} outside the vocabulary 0..{vocab_size - 1}"
+            )
+        if len(p) >= max_seq_len and sp.max_new_tokens > 0:
+            raise UserError(f"prompt {i} leaves no room to generate (max_seq_len {max_seq_len})")
+
+
 class Engine:
     """A loaded model on this rank. Rank 0: generate/score/shutdown; others: worker_loop."""
 
@@ -291,19 +315,4 @@ class Engine:
 
     def validate_prompts(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         """Raise UserError (before anything is broadcast) for prompts the engine cannot run."""
-        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-            if len(p) == 0:
-                raise UserError(f"prompt {i} is empty")
-            if len(p) > self.max_input_len:
-                raise UserError(
-                    f"prompt {i} has {len(p)} tokens; this engine accepts at most {self.max_input_len}"
-                )
-            bad = [t for t in p if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-            if bad:
-                raise UserError(
-                    f"prompt {i}: token id {bad[0]!r} outside the vocabulary 0..{self.vocab_size - 1}"
-                )
-            if len(p) >= self.max_seq_len and sp.max_new_tokens > 0:
-                raise UserError(
-                    f"prompt {i} leaves no room to generate (max_seq_len {self.max_seq_len})"
-                )
+        check_prompts(prompts, params, self.vocab_size, self.max_input_len, self.max_seq_len)

@@ -85,6 +85,11 @@ class TrtllmEngine:
         eos += [t for t in getattr(tokenizer, "eos_token_ids", ()) if t not in eos]
         self.eos_token_ids = tuple(eos)
 
+    def validate_prompts(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        from kimi_trt.runtime.engine import check_prompts
+
+        check_prompts(prompts, params, self.vocab_size, self.max_input_len, self.max_seq_len)
+
     def _request(self, prompt: list[int], p: SamplingParams):
         t = self._trtllm
         stop = list(p.stop_token_ids if p.stop_token_ids is not None else self.eos_token_ids)
@@ -112,6 +117,7 @@ class TrtllmEngine:
         on_token: OnToken | None = None,
     ) -> list[GenerationResult]:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        self.validate_prompts(prompts, plist)
         ids = self._executor.enqueue_requests(
             [self._request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         )
