@@ -375,3 +375,33 @@ def test_openai_api_over_triton(triton, engine_dir, tmp_path):
         )
         assert content == CONTENT and args == call.function.arguments
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("kind", ["trtllm", "torch"])
+def test_api_backend_inputs_match_the_repository(tmp_path, kind, request):
+    """What `kimi-trt serve --triton` sends fits the generated model's inputs (name, type,
+    shape), for the tensorrt_llm model too, which cannot run on this machine."""
+    from kimi_trt.runtime.sampling import SamplingParams
+    from kimi_trt.runtime.serving.backends import TritonBackend
+    from kimi_trt.runtime.triton_repo import summarize_engine
+
+    if kind == "trtllm":
+        engine = fake_trtllm_engine(tmp_path / "engine", 1)
+    else:
+        engine = request.getfixturevalue("engine_dir")
+    write_triton_repo(engine, tmp_path / "repo")
+    summary = summarize_engine(engine)
+    backend = TritonBackend("127.0.0.1:1", summary, KimiTokenizer.from_dir(engine))
+    config = load_repo(tmp_path / "repo")[backend.model]
+    declared = {i.name: i for i in config.input}
+    sent = backend._inputs([5, 6, 7], SamplingParams(max_new_tokens=4, seed=3))
+    required = {n for n, i in declared.items() if not i.optional}
+    assert required <= {t.name() for t in sent}
+    for tensor in sent:
+        spec = declared[tensor.name()]
+        assert tensor.datatype() == model_config_pb2.DataType.Name(spec.data_type)[5:].replace(
+            "STRING", "BYTES"
+        )
+        shape = tensor.shape()[1:] if config.max_batch_size > 0 else tensor.shape()
+        assert len(shape) == len(spec.dims), tensor.name()
+        assert all(d == -1 or d == s for d, s in zip(spec.dims, shape, strict=True))
