@@ -8,6 +8,9 @@ Measured side by side in one run, each side in its own subprocess (so peak RSS i
   decode tokens/s   (new tokens - 1) / (time to N tokens - time to 1 token), batch 1
   prefill tokens/s  prompt tokens / time to the first token (prompt of --prefill-len)
   peak RSS          ru_maxrss of the process after both measurements
+Both sides use --threads torch threads (default 1: on a small shared machine, intra-op
+threads that wait for a busy core make small matmuls many times slower and the ratio
+noisy; --threads 0 keeps torch's default).
 Target (issue 4): ours >= 1.5x transformers decode tokens/s. Results: bench/results/runtime.json.
 
     .venv/bin/python bench/runtime.py [--work DIR] [--presets tiny small] [--new-tokens 64]
