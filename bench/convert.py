@@ -3,6 +3,8 @@
 In one run, on synthetic checkpoints with Kimi-K2 tensor shapes (preset k2-shapes, with
 the number of layers/experts/vocab chosen to fit the machine):
   1. copy     `cp -r ckpt copy && sync`                       (the disk-speed floor)
+     and a user-space stream copy (read + sha256 + write + fsync of every byte: the floor
+     for any converter that checksums what it writes)
   2. convert  `kimi-trt convert --tp 8 --ep 8` (fp8_block)    (same files, same cache state)
   3. the same two steps on a ~2x-size checkpoint (3x the experts), for peak RSS
 Both timed steps read a source that was just read once (page cache warm for both), and
@@ -18,6 +20,7 @@ same at 2x checkpoint size.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -70,6 +73,22 @@ def timed_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
+def timed_stream_copy(src: Path, dst: Path) -> float:
+    """The floor for any user-space converter: read, sha256 and write every byte, fsync."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    t = time.perf_counter()
+    for p in sorted(src.glob("*.safetensors")):
+        sha = hashlib.sha256()
+        with open(p, "rb", buffering=0) as fin, open(dst / p.name, "wb") as fout:
+            while block := fin.read(64 << 20):
+                sha.update(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+    return time.perf_counter() - t
+
+
 def timed_convert(src: Path, out: Path, tp: int) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one `kimi-trt convert` process."""
     shutil.rmtree(out, ignore_errors=True)
@@ -112,6 +131,9 @@ def main() -> None:
     copy_s = timed_copy(one, args.work / "copy")
     shutil.rmtree(args.work / "copy")
     warm(one)
+    stream_s = timed_stream_copy(one, args.work / "copy")
+    shutil.rmtree(args.work / "copy")
+    warm(one)
     conv_s, rss1 = timed_convert(one, args.work / "out-1x", args.tp)
     out_bytes = size_of(args.work / "out-1x")
     shutil.rmtree(args.work / "out-1x")
@@ -146,6 +168,8 @@ def main() -> None:
         "copy_seconds": copy_s,
         "convert_seconds": conv_s,
         "convert_over_copy": conv_s / copy_s,
+        "stream_copy_seconds": stream_s,
+        "convert_over_stream_copy": conv_s / stream_s,
         "output_bytes_1x": out_bytes,
         "copy_seconds_2x": copy2_s,
         "convert_seconds_2x": conv2_s,
