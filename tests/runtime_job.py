@@ -2,10 +2,10 @@
 and in-process (world 1) through `collect`.
 
 SPEC (JSON): {"engines": {name: dir}, "prompts": [[ids]], "steps": n, "out": dir,
-              "kill": {"rank": r, "after_steps": k} | null}
+              "kill": {"rank": r, "after_steps": k, "how": "kill" | "hang"} | null}
 For each engine, in order, rank 0 stores score logits, greedy tokens and per-step decode
 logits in OUT/<name>.pt; the other ranks follow in worker_loop. "kill" makes rank r
-SIGKILL itself in the middle of a run (the no-hang test).
+SIGKILL itself, or hang forever, in the middle of a run (the no-hang tests).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def collect(engine, prompts: list[list[int]], steps: int) -> dict:
     }
 
 
-def _kill_after(steps: int) -> None:
+def _fail_after(steps: int, how: str) -> None:
     from kimi_trt.runtime.executor import TorchExecutor
 
     original = TorchExecutor.step
@@ -45,6 +46,8 @@ def _kill_after(steps: int) -> None:
     def step(self, plan):
         calls["n"] += 1
         if calls["n"] > steps:
+            if how == "hang":
+                time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, plan)
 
@@ -56,7 +59,7 @@ def main(spec_path: str) -> int:
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     kill = spec.get("kill")
     if kill and kill["rank"] == rank:
-        _kill_after(kill["after_steps"])
+        _fail_after(kill["after_steps"], kill.get("how", "kill"))
     out = Path(spec["out"])
     for name, engine_dir in spec["engines"].items():
         engine = load_engine(engine_dir)

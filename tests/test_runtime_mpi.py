@@ -43,7 +43,7 @@ def world1(tiny_ckpt, tiny_groups_ckpt, root):
     return out
 
 
-def run_job(world: int, engines: dict[str, Path], out: Path, kill=None, timeout=240):
+def run_job(world: int, engines: dict[str, Path], out: Path, kill=None, timeout=240, env=None):
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     spec.write_text(
@@ -59,7 +59,7 @@ def run_job(world: int, engines: dict[str, Path], out: Path, kill=None, timeout=
     )
     cmd = mpirun(world, sys.executable, str(JOB), str(spec))
     return subprocess.run(
-        cmd, capture_output=True, text=True, env=mpi_env(), timeout=timeout, cwd=REPO
+        cmd, capture_output=True, text=True, env=env or mpi_env(), timeout=timeout, cwd=REPO
     )
 
 
@@ -112,17 +112,25 @@ def test_cli_under_mpirun_matches_world1(tiny_ckpt, root, world1, tmp_path):
             assert line["finish_reason"] == "length" and line["tokens"] == want
 
 
-def test_killed_rank_ends_job_without_hang(tiny_ckpt, root):
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_failed_rank_ends_job_without_hang(how, tiny_ckpt, root):
+    """A rank SIGKILLed mid-run, or one that hangs mid-run (collective timeout 5 s here):
+    the job exits non-zero within 30 s."""
+    env = mpi_env()
+    env["KIMI_TRT_COLLECTIVE_TIMEOUT"] = "5"
     start = time.monotonic()
     proc = run_job(
         2,
         {"ep2": converted(tiny_ckpt, root, "ep2")},
-        root / "job-kill",
-        kill={"rank": 1, "after_steps": 5},
+        root / f"job-{how}",
+        kill={"rank": 1, "after_steps": 5, "how": how},
         timeout=60,
+        env=env,
     )
     assert proc.returncode != 0
-    assert time.monotonic() - start < 45
+    assert time.monotonic() - start < 30
+    if how == "hang":
+        assert "lost contact with another rank" in proc.stderr
 
 
 def _run_cli(world: int, engine_dir: Path):
