@@ -348,3 +348,38 @@ def test_inspect_per_rank_checkpoint(tiny_ckpt, tmp_path):
     assert set(info["requant_error"]) == {"experts"}
     text = CliRunner().invoke(main, ["inspect", str(out)]).output
     assert "rank1.safetensors" in text and "experts" in text
+
+
+@pytest.mark.parametrize("fmt", ["int8_wo", "fp8_ue8m0", "bf16", "fp8_block"])
+def test_chunked_requantisation_equals_whole(fmt):
+    """Lossy formats are encoded in row chunks (bounded memory): same bytes as all at once,
+    including a partial last FP8 block."""
+    from kimi_trt.convert.formats import ErrorStats, Piece, encode
+    from kimi_trt.convert.fp8 import quantize_block
+    from kimi_trt.convert.synth import preset_config
+    from kimi_trt.convert.transforms import ENCODE_ROWS, RankContext
+    from kimi_trt.convert.weight_table import LAYER_RULES
+
+    model = preset_config("tiny")
+    rule = next(r for r in LAYER_RULES if r.target == "mlp.fc" and r.cls == "dense_mlp")
+    formats = WeightFormats(dense_mlp=fmt)
+    ctx = RankContext(None, model, Mapping(), formats, 0)
+    rows = 2 * ENCODE_ROWS + 200
+    q, s = quantize_block(torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)))
+    piece = Piece("w", q, s, (128, 128))
+    parts = list(ctx.encode(piece, rule))
+    assert len(parts) == (3 if fmt != "fp8_block" else 1)
+    whole_w, whole_s = encode(piece, fmt, (128, 128), ErrorStats())
+    assert torch.equal(
+        torch.cat([p[0] for p in parts]).view(torch.uint8), whole_w.view(torch.uint8)
+    )
+    if whole_s is not None:
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole_s)
+
+
+def test_absorption_in_head_chunks(tiny_ckpt, monkeypatch):
+    """fused_q_proj computed a few heads at a time (ragged last chunk) is still exact."""
+    from kimi_trt.convert import transforms
+
+    monkeypatch.setattr(transforms, "ABSORB_HEADS", 3)
+    convert_and_check(tiny_ckpt, Parallelism(tp=1, ep=1), WeightFormats(attention="fp32"))

@@ -22,6 +22,8 @@ from kimi_trt.mapping import Mapping
 
 Part = tuple[torch.Tensor, torch.Tensor | None]  # (stored weight slice, its scale slice)
 VOCAB_ROWS_PER_PART = 8192
+ENCODE_ROWS = 1024  # rows requantised at once (a multiple of the FP8 block)
+ABSORB_HEADS = 8  # heads of fused_q_proj computed at once
 
 
 @dataclass
@@ -51,9 +53,22 @@ class RankContext:
         m = self.mapping
         return self.span(n, m.moe_tp_size, m.moe_tp_rank(self.rank))
 
-    def encode(self, piece: Piece, rule: Rule) -> Part:
+    def encode(self, piece: Piece, rule: Rule) -> Iterator[Part]:
+        """Store a piece in its rule's format; requantised in row chunks (bounded memory)."""
+        fmt = format_of(rule, self.formats)
         stats = self.stats.setdefault(rule.cls, ErrorStats())
-        return encode(piece, format_of(rule, self.formats), self.block, stats)
+        rows_per_block = (piece.block or self.block)[0]
+        step = rows_per_block * max(1, ENCODE_ROWS // rows_per_block)
+        rows = piece.q.shape[0]
+        if rows <= step or (fmt == "fp8_block" and piece.block == self.block):
+            yield encode(piece, fmt, self.block, stats)
+            return
+        for a in range(0, rows, step):
+            scale = None
+            if piece.scale is not None:
+                scale = piece.scale[a // rows_per_block : -(-(a + step) // rows_per_block)]
+            sub = Piece(piece.source, piece.q[a : a + step], scale, piece.block)
+            yield encode(sub, fmt, self.block, stats)
 
 
 def _base(rule_source: str, layer: int | None, expert: int | None = None) -> str:
@@ -78,7 +93,7 @@ def copy(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
         return
     rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
     cols = ctx.attn_span(_dim1_size(ctx, base)) if rule.shard == "cols" else None
-    yield ctx.encode(ctx.reader.piece(base, rows, cols), rule)
+    yield from ctx.encode(ctx.reader.piece(base, rows, cols), rule)
 
 
 def concat_rows(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -86,7 +101,7 @@ def concat_rows(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Par
     for src in rule.sources:
         base = _base(src, layer)
         rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
-        yield ctx.encode(ctx.reader.piece(base, rows), rule)
+        yield from ctx.encode(ctx.reader.piece(base, rows), rule)
 
 
 def to_fp32(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -98,14 +113,14 @@ def experts_up_gate(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator
     rows = ctx.moe_span(ctx.model.moe_intermediate_size)
     for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
         for src in rule.sources:
-            yield ctx.encode(ctx.reader.piece(_base(src, layer, e), rows), rule)
+            yield from ctx.encode(ctx.reader.piece(_base(src, layer, e), rows), rule)
 
 
 def experts_down(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     """Per local expert: the down_proj columns of this moe_tp rank ([El, H, Il])."""
     cols = ctx.moe_span(ctx.model.moe_intermediate_size)
     for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
-        yield ctx.encode(ctx.reader.piece(_base(rule.sources[0], layer, e), None, cols), rule)
+        yield from ctx.encode(ctx.reader.piece(_base(rule.sources[0], layer, e), None, cols), rule)
 
 
 def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -119,11 +134,14 @@ def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     )
     wq = wq.dequantized().view(heads, m.qk_head_dim, m.q_lora_rank)
     wkv = wkv.dequantized().view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-    nope = m.qk_nope_head_dim
-    exact = torch.cat([torch.einsum("hdq,hdk->hkq", wq[:, :nope], wkv[:, :nope]), wq[:, nope:]], 1)
-    stored = exact.to(mla_dtype(ctx.formats))  # [hl, kl + rope, ql]
-    ctx.derived.setdefault(rule.target, ErrorStats()).add(exact, stored, pieces_dim0=True)
-    yield stored.reshape(-1, m.q_lora_rank), None
+    nope, dtype = m.qk_nope_head_dim, mla_dtype(ctx.formats)
+    stats = ctx.derived.setdefault(rule.target, ErrorStats())
+    for h in range(0, heads, ABSORB_HEADS):
+        q, kv = wq[h : h + ABSORB_HEADS], wkv[h : h + ABSORB_HEADS]
+        exact = torch.cat([torch.einsum("hdq,hdk->hkq", q[:, :nope], kv[:, :nope]), q[:, nope:]], 1)
+        stored = exact.to(dtype)  # [heads in chunk, kl + rope, ql]
+        stats.add(exact, stored, pieces_dim0=True)
+        yield stored.reshape(-1, m.q_lora_rank), None
 
 
 def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
