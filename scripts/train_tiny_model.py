@@ -44,7 +44,7 @@ class Corpus:
 
     def __init__(self, path: Path):
         z = np.load(path)
-        self.tokens = z["tokens"].astype(np.int64)
+        self.tokens = z["tokens"]  # uint16; widened per batch
         self.offsets = z["offsets"]
         self.mask = np.unpackbits(z["mask_bits"])[: len(self.tokens)].astype(bool)
         self.lengths = np.diff(self.offsets)
@@ -80,8 +80,9 @@ class Corpus:
             a, b = self.offsets[i], self.offsets[i + 1]
             n = b - a - 1
             inputs[row, :n] = self.tokens[a : b - 1]
-            target = self.tokens[a + 1 : b]
-            labels[row, :n] = np.where(self.mask[a + 1 : b], target, -100)
+            labels[row, :n] = np.where(
+                self.mask[a + 1 : b], self.tokens[a + 1 : b].astype(np.int64), -100
+            )
         return torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(lengths - 1)
 
 
