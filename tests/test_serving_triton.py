@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -304,19 +305,37 @@ def test_bad_request_is_a_triton_error(triton):
     client.close()
 
 
+def triton_metric(server: TritonServer, key: str) -> float:
+    for line in httpx.get(server.metrics_url).text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_grpc_cancel_frees_the_engine(triton):
-    """A cancelled 2000-token request must not hold the engine: the next one runs at once."""
+    """A cancelled 2000-token request must not hold the engine: the next one runs at once
+    (uncancelled, it would hold the batcher for 2000 decode steps, >= 13 s here)."""
     long = {
         "text_input": np.asarray([b"Once upon a time"], dtype=np.object_),
         "request_output_len": np.asarray([2000], dtype=np.int32),
         "temperature": np.asarray([0.0], dtype=np.float32),
     }
+    finished = 'kimi_trt_triton_requests_finished{model="kimi",reason="cancelled"}'
+    before = triton_metric(triton, finished)
+    tokens_before = triton_metric(triton, 'kimi_trt_triton_generated_tokens{model="kimi"}')
     responses, _ = grpc_generate(triton.grpc_url, long, cancel_after=3)
     assert len(responses) == 3
     start = time.monotonic()
     short = dict(long, request_output_len=np.asarray([4], dtype=np.int32))
     responses, reason = grpc_generate(triton.grpc_url, short)
-    assert reason == "length" and time.monotonic() - start < 30
+    assert reason == "length" and time.monotonic() - start < 8
+    for _ in range(50):  # Triton publishes metrics periodically
+        if triton_metric(triton, finished) > before:
+            break
+        time.sleep(0.1)
+    assert triton_metric(triton, finished) == before + 1
+    generated = triton_metric(triton, 'kimi_trt_triton_generated_tokens{model="kimi"}')
+    assert generated - tokens_before < 2000
 
 
 def test_trtllm_text_models(triton, engine_dir):
@@ -375,6 +394,13 @@ def test_openai_api_over_triton(triton, engine_dir, tmp_path):
         )
         assert content == CONTENT and args == call.function.arguments
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # a client gone mid-stream cancels through gRPC: Triton's engine is free at once
+        body = {"model": "kimi-k2", "prompt": "Once", "max_tokens": 2000, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+            assert next(line for line in r.iter_lines() if line.startswith("data: "))
+        start = time.monotonic()
+        short = client.completions.create(model="kimi-k2", prompt="Once", max_tokens=4)
+        assert short.choices[0].finish_reason == "length" and time.monotonic() - start < 8
 
 
 @pytest.mark.parametrize("kind", ["trtllm", "torch"])

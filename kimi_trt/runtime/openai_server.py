@@ -59,12 +59,14 @@ async def _json_body(request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise APIError(
             400,
-            f"We could not parse the JSON body of your request ({e.msg if hasattr(e, 'msg') else e})",
+            f"We could not parse the JSON body of your request ({e.msg} at position {e.pos})",
             code="invalid_json",
         ) from None
+    except UnicodeDecodeError:
+        raise APIError(400, "The request body is not UTF-8 JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object", code="invalid_json")
     return body
@@ -239,6 +241,8 @@ def serve(
         backend = InProcessBackend(engine, window_s=batch_window_ms / 1000.0)
         max_seq_len = engine.max_seq_len
     metrics = ServerMetrics(backend.load)
+    if hasattr(backend, "observer"):
+        backend.observer = metrics.backend_done
     state = ServerState(
         backend, backend.tokenizer, model_name, metrics, max_seq_len, default_max_tokens
     )

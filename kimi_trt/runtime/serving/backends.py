@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,8 @@ class InProcessBackend:
         self.max_input_len = engine.max_input_len
         self.batcher = EngineBatcher(engine, window_s=window_s)
         self.description = "in-process runtime"
+        # called with (finish_reason, generated tokens) as the runtime ends each request
+        self.observer: Callable[[str, int], None] | None = None
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         self.batcher.validate(prompt, params)
@@ -111,6 +114,8 @@ class InProcessBackend:
             return True
 
         def on_done(result, error) -> None:
+            if result is not None and self.observer is not None:
+                self.observer(result.finish_reason or "stop", len(result.tokens))
             if error is not None and not isinstance(error, UserError):
                 error = BackendError(str(error))
             stream.finish(result.finish_reason if result is not None else None, error)

@@ -74,6 +74,17 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.backend_finished = Counter(
+            PREFIX + "backend_requests_finished",
+            "Requests as the in-process runtime ended them (cancelled: the slot was freed early)",
+            ["reason"],
+            registry=r,
+        )
+        self.backend_tokens = Counter(
+            PREFIX + "backend_generated_tokens",
+            "Tokens the in-process runtime generated, read by a client or not",
+            registry=r,
+        )
         self.in_flight = Gauge(PREFIX + "requests_in_flight", "Generations running", registry=r)
         depth = Gauge(
             PREFIX + "queue_depth", "Requests queued or generating in the backend", registry=r
@@ -90,6 +101,10 @@ class ServerMetrics:
         self.generation_tokens.inc(generated)
         self.finished_requests.labels(reason=reason).inc()
         self.e2e.observe(time.monotonic() - timer.started)
+
+    def backend_done(self, reason: str, tokens: int) -> None:
+        self.backend_finished.labels(reason=reason).inc()
+        self.backend_tokens.inc(tokens)
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
