@@ -395,12 +395,26 @@ def test_openai_api_over_triton(triton, engine_dir, tmp_path):
         assert content == CONTENT and args == call.function.arguments
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         # a client gone mid-stream cancels through gRPC: Triton's engine is free at once
+        finished = 'kimi_trt_triton_requests_finished{model="kimi",reason="cancelled"}'
+        before = triton_metric(triton, finished)
         body = {"model": "kimi-k2", "prompt": "Once", "max_tokens": 2000, "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
             assert next(line for line in r.iter_lines() if line.startswith("data: "))
-        start = time.monotonic()
         short = client.completions.create(model="kimi-k2", prompt="Once", max_tokens=4)
-        assert short.choices[0].finish_reason == "length" and time.monotonic() - start < 8
+        assert short.choices[0].finish_reason == "length"
+        for _ in range(50):
+            if triton_metric(triton, finished) > before:
+                break
+            time.sleep(0.1)
+        assert triton_metric(triton, finished) == before + 1
+        # a request Triton rejects: a 400 when whole, an error event when streamed
+        body = {"model": "kimi-k2", "prompt": [99999], "max_tokens": 4}
+        r = httpx.post(base + "/v1/completions", json=body)
+        assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+        r = httpx.post(base + "/v1/completions", json={**body, "stream": True})
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert "vocabulary" in json.loads(events[0])["error"]["message"]
+        assert events[-1] == "[DONE]"
 
 
 @pytest.mark.parametrize("kind", ["trtllm", "torch"])
