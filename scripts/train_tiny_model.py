@@ -463,6 +463,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ex.add_argument("--data", required=True)
     ex.add_argument("--weights", required=True, help="folder with the train step's outputs")
     ex.add_argument("--out", required=True)
+    ex.add_argument(
+        "--report",
+        default=str(REPO / "bench" / "results" / "tiny_model_export.json"),
+        help="where to write the FP8-vs-float comparison",
+    )
     return p.parse_args(argv)
 
 

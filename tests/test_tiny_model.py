@@ -141,7 +141,8 @@ def test_prepare_train_export_round_trip(tmp_path):
         bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
     assert bias.abs().max() > 0  # the balancer moved it
     check = tiny_model.compare_with_float(ckpt, state, data / "eval.npz", stride=60)
-    assert check["argmax_agreement"] > 0.9 and check["max_rel_logit_error"] < 0.1
+    assert check["max_weight_error"] < 0.06, check  # e4m3: 3 mantissa bits
+    assert check["rel_rms_logit_error"] < 0.1, check  # (argmax ties abound before training)
     assert KimiTokenizer.from_dir(ckpt).vocab_size == cfg.vocab_size
 
 
