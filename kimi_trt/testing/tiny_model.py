@@ -405,5 +405,5 @@ def export(args) -> None:
     print(json.dumps(check))
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(check, indent=1))
-    if check["max_weight_error"] > 0.06 or check["rel_rms_logit_error"] > 0.1:
+    if check["max_weight_error"] > 0.06 or check["rel_rms_logit_error"] > 0.25:
         raise CheckpointError(f"{out}: exported model disagrees with the trained one: {check}")
