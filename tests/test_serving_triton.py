@@ -445,3 +445,21 @@ def test_api_backend_inputs_match_the_repository(tmp_path, kind, request):
         shape = tensor.shape()[1:] if config.max_batch_size > 0 else tensor.shape()
         assert len(shape) == len(spec.dims), tensor.name()
         assert all(d == -1 or d == s for d, s in zip(spec.dims, shape, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--engine-dir", "{missing}"], "engine dir not found"),
+        (["serve", "--engine-dir", "{engine}", "--triton", "127.0.0.1:{port}"], "not reachable"),
+        (["triton-server", "--model-repository", "{missing}"], "no kimi/ or tensorrt_llm/"),
+    ],
+)
+def test_serving_cli_user_errors(engine_dir, tmp_path, args, message):
+    from kimi_trt.runtime.triton_server import free_port
+
+    values = {"missing": tmp_path / "missing", "engine": engine_dir, "port": free_port()}
+    cmd = [sys.executable, "-m", "kimi_trt.cli", *(a.format(**values) for a in args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr

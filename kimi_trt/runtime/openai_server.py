@@ -201,10 +201,45 @@ def create_app(state: ServerState, on_startup=None, on_shutdown=None):
     return app
 
 
-def _tokenizer_for(summary):
+def _triton_backend(engine_dir, triton_url: str, triton_model: str | None):
+    from kimi_trt.runtime.serving.backends import TritonBackend
     from kimi_trt.runtime.tokenizer import KimiTokenizer
+    from kimi_trt.runtime.triton_repo import summarize_engine
 
-    return KimiTokenizer.from_dir(summary.tokenizer_dir) if summary.tokenizer_dir else None
+    summary = summarize_engine(engine_dir)
+    if summary.tokenizer_dir is None:
+        raise UserError(f"{engine_dir}: no tiktoken.model; kimi-trt serve needs the tokenizer")
+    tokenizer = KimiTokenizer.from_dir(summary.tokenizer_dir)
+    backend = TritonBackend(triton_url, summary, tokenizer, triton_model)
+    backend.check()
+    return backend, summary.max_seq_len
+
+
+def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]) -> None:
+    import uvicorn
+
+    if backend.tokenizer is None:
+        raise UserError("the engine dir has no tiktoken.model; kimi-trt serve needs the tokenizer")
+    host, port = options["host"], options["port"]
+    metrics = ServerMetrics(backend.load)
+    if hasattr(backend, "observer"):
+        backend.observer = metrics.backend_done
+    state = ServerState(
+        backend, backend.tokenizer, model_name, metrics, max_seq_len, options["default_max_tokens"]
+    )
+
+    async def startup():
+        if hasattr(backend, "start"):
+            await backend.start()
+        log.info("serving %s on http://%s:%d (%s)", model_name, host, port, backend.description)
+
+    async def shutdown():
+        await backend.close()
+
+    app = create_app(state, startup, shutdown)
+    uvicorn.run(
+        app, host=host, port=port, log_level=options["log_level"], timeout_graceful_shutdown=5
+    )
 
 
 def serve(
@@ -219,45 +254,25 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Run the API server until interrupted (every rank calls this under mpirun)."""
-    import uvicorn
-
-    from kimi_trt.runtime.serving.backends import InProcessBackend, TritonBackend
-
-    engine = None
+    options = {
+        "host": host,
+        "port": port,
+        "default_max_tokens": default_max_tokens,
+        "log_level": log_level,
+    }
     if triton_url:
-        from kimi_trt.runtime.triton_repo import summarize_engine
+        backend, max_seq_len = _triton_backend(engine_dir, triton_url, triton_model)
+        _run_app(backend, max_seq_len, model_name, options)
+        return
+    from kimi_trt.runtime.engine import load_engine
+    from kimi_trt.runtime.serving.backends import InProcessBackend
 
-        summary = summarize_engine(engine_dir)
-        backend = TritonBackend(triton_url, summary, _tokenizer_for(summary), triton_model)
-        backend.check()
-        max_seq_len = summary.max_seq_len
-    else:
-        from kimi_trt.runtime.engine import load_engine
-
-        engine = load_engine(engine_dir)
-        if not engine.is_driver:
-            engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
-            return
+    engine = load_engine(engine_dir)
+    if not engine.is_driver:
+        engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
+        return
+    try:  # whatever happens on rank 0, release the other ranks
         backend = InProcessBackend(engine, window_s=batch_window_ms / 1000.0)
-        max_seq_len = engine.max_seq_len
-    metrics = ServerMetrics(backend.load)
-    if hasattr(backend, "observer"):
-        backend.observer = metrics.backend_done
-    state = ServerState(
-        backend, backend.tokenizer, model_name, metrics, max_seq_len, default_max_tokens
-    )
-
-    async def startup():
-        if hasattr(backend, "start"):
-            await backend.start()
-        log.info("serving %s on http://%s:%d (%s)", model_name, host, port, backend.description)
-
-    async def shutdown():
-        await backend.close()
-
-    app = create_app(state, startup, shutdown)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        _run_app(backend, engine.max_seq_len, model_name, options)
     finally:
-        if engine is not None:
-            engine.shutdown()
+        engine.shutdown()

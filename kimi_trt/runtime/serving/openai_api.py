@@ -92,8 +92,6 @@ def sampling_params(
 
 
 def chat_prompt(state: ServerState, messages, tools) -> list[int]:
-    if state.tokenizer is None:
-        raise APIError(400, "this engine dir has no tokenizer; use /v1/completions with token ids")
     try:
         return state.tokenizer.apply_chat_template(messages, tools=tools or None)
     except UserError as e:
@@ -120,8 +118,6 @@ def build_completion(
     if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
         prompt = list(req.prompt)
     else:
-        if state.tokenizer is None:
-            raise APIError(400, "this engine dir has no tokenizer: send the prompt as token ids")
         text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         prompt = state.tokenizer.encode(text)
     params = sampling_params(
