@@ -463,3 +463,26 @@ def test_serving_cli_user_errors(engine_dir, tmp_path, args, message):
     done = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_triton_server_command_stops_cleanly(engine_dir, tmp_path):
+    """`kimi-trt triton-server` serves until SIGTERM, then takes tritonserver down with it."""
+    from kimi_trt.runtime.triton_server import free_port
+
+    write_triton_repo(engine_dir, tmp_path / "repo")
+    http = free_port()
+    cmd = [sys.executable, "-m", "kimi_trt.cli", "triton-server", "--model-repository"]
+    cmd += [str(tmp_path / "repo"), "--http-port", str(http)]
+    cmd += ["--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert "tritonserver ready" in proc.stdout.readline()
+        ready = f"http://127.0.0.1:{http}/v2/health/ready"
+        assert httpx.get(ready).status_code == 200
+        proc.terminate()
+        assert proc.wait(60) == 128 + 15
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(ready)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,8 @@ def triton_server_command(
         ports=ServerPorts(http_port, grpc_port, metrics_port),
         log_file=log_file,
     )
+    # SIGTERM must run the `finally` below: tritonserver runs in its own session
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     server.start(timeout=600)
     print(
         f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, "
