@@ -9,7 +9,9 @@ output equals the serial run's. Reports requests/s, generated tokens/s and p50/p
 to first token (client side: request sent -> first content chunk) of both phases, and the
 concurrent/serial throughput ratio (what request batching buys).
 Both backends run side by side (`--backend both`, the default): the in-process runtime,
-and tritonserver with the generated repository behind `kimi-trt serve --triton`.
+and tritonserver with the generated repository behind `kimi-trt serve --triton`; both
+servers are up at once and each phase runs on one backend right after the other, so they
+see the same machine load (the CPUs may be shared).
 Results: bench/results/serve.json.
 
     .venv/bin/python bench/serve.py [--clients 32] [--requests 4] [--max-tokens 16]
@@ -159,20 +161,8 @@ def summary(phase: dict) -> dict:
     return {k: v for k, v in phase.items() if k != "results"}
 
 
-def bench_backend(engine: Path, work: Path, backend: str, plan, max_tokens: int) -> dict:
-    """Serial then concurrent phase against one server; the checks and numbers."""
-    (work / backend).mkdir(parents=True, exist_ok=True)
-    proc, triton, base = start_api(engine, work / backend, backend)
-    try:
-        asyncio.run(run_phase(base, [[plan[0][0]]], max_tokens, False))  # warm-up
-        serial = asyncio.run(run_phase(base, plan, max_tokens, False))
-        concurrent = asyncio.run(run_phase(base, plan, max_tokens, True))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        if triton is not None:
-            triton.stop()
-    expected = sum(len(p) for p in plan)
+def check(serial: dict, concurrent: dict, expected: int) -> dict:
+    """Numbers and checks of one backend: all complete, no errors, greedy == serial."""
     mismatches = [
         list(k)
         for k, v in concurrent["results"].items()
@@ -188,6 +178,30 @@ def bench_backend(engine: Path, work: Path, backend: str, plan, max_tokens: int)
         "greedy_outputs_equal_serial": not mismatches,
         "mismatched_requests": mismatches,
     }
+
+
+def bench(engine: Path, work: Path, backends: list[str], plan, max_tokens: int) -> dict:
+    """All servers up at once; each phase runs on every backend back to back, so the
+    machine's load (shared CPUs) is as alike as it can be between them."""
+    servers = {}
+    try:
+        for backend in backends:
+            (work / backend).mkdir(parents=True, exist_ok=True)
+            servers[backend] = start_api(engine, work / backend, backend)
+        phases: dict[str, dict] = {b: {} for b in backends}
+        for concurrent in (False, True):
+            for backend, (_, _, base) in servers.items():
+                asyncio.run(run_phase(base, [[plan[0][0]]], max_tokens, False))  # warm-up
+                name = "concurrent" if concurrent else "serial"
+                phases[backend][name] = asyncio.run(run_phase(base, plan, max_tokens, concurrent))
+    finally:
+        for proc, triton, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+            if triton is not None:
+                triton.stop()
+    expected = sum(len(p) for p in plan)
+    return {b: check(p["serial"], p["concurrent"], expected) for b, p in phases.items()}
 
 
 def main() -> None:
@@ -211,8 +225,7 @@ def main() -> None:
         "requests_per_client": args.requests,
         "max_tokens": args.max_tokens,
     }
-    for backend in backends:
-        report[backend] = bench_backend(engine, work, backend, plan, args.max_tokens)
+    report.update(bench(engine, work, backends, plan, args.max_tokens))
     if len(backends) == 2:
         report["triton_over_runtime_concurrent_throughput"] = (
             report["triton"]["concurrent"]["requests_per_s"]
