@@ -15,8 +15,12 @@ Two kinds of engine dir, two repositories:
 The Python models live in kimi_trt (serving/triton_models.py); each repository model
 gets a small generated `model.py` that puts this installation's kimi_trt and
 site-packages on sys.path, because Triton's Python stub runs the base interpreter, not
-our virtual environment. The repository is written to `<out>.partial` and renamed when
-complete, so a crash never leaves a repository that looks finished.
+our virtual environment. Deployed elsewhere (NVIDIA's Triton container on a GPU host),
+`pip install kimi_trt` there: paths that do not exist are harmless, and the engine and
+tokenizer paths in the configs must be where the container sees them (regenerate the
+repository there, as one refills tensorrtllm_backend's templates). The repository is
+written to `<out>.partial` and renamed when complete, so a crash never leaves a
+repository that looks finished.
 """
 
 from __future__ import annotations
