@@ -77,7 +77,11 @@ def python_backend_dir(cache: Path | None = None) -> Path:
         if link.is_symlink() and link.resolve() == source.resolve():
             continue
         link.unlink(missing_ok=True)
-        link.symlink_to(source)
+        try:
+            link.symlink_to(source)
+        except FileExistsError:  # another process made it at the same moment
+            if link.resolve() != source.resolve():
+                raise
     return base
 
 
