@@ -124,12 +124,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--limit", type=int, default=0, help="evaluate every k-th case to have at most N (0: all)"
     )
+    p.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also run transformers on the same checkpoint and report token agreement",
+    )
     p.add_argument("--work", type=Path, help="keep per-rank files here (default: a temp dir)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tiny_model_eval.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--records", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def hf_records(checkpoint: Path, limit: int) -> list[dict]:
+    from kimi_trt.runtime.tokenizer import KimiTokenizer
+
+    tok = KimiTokenizer.from_dir(checkpoint)
+    return run_dialogues(
+        hf_generator(checkpoint, tok.eos_token_ids), checkpoint, select_cases(limit)
+    )
+
+
+def agreement(records: list[dict], reference: list[dict]) -> dict:
+    """Share of dialogues whose generated call turn / answer are token-identical to the
+    transformers run on the same checkpoint (greedy, so they should all be)."""
+    pairs = list(zip(records, reference, strict=True))
+    calls = sum(a["output"] == b["output"] for a, b in pairs)
+    answers = sum(a.get("answer") == b.get("answer") for a, b in pairs)
+    return {
+        "same_call_turn": calls / len(pairs),
+        "same_answer": answers / len(pairs),
+        "n": len(pairs),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,24 +168,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {args.checkpoint}: no config.json (expected the tiny model checkpoint)")
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
         if args.backend == "hf":
-            from kimi_trt.runtime.tokenizer import KimiTokenizer
-
-            tok = KimiTokenizer.from_dir(args.checkpoint)
-            generate = hf_generator(args.checkpoint, tok.eos_token_ids)
-            records = run_dialogues(generate, args.checkpoint, select_cases(args.limit))
+            records = hf_records(args.checkpoint, args.limit)
         else:
-            records = mpirun_records(args, work)
-    layout = (
-        {"tp": args.tp, "ep": args.ep, "moe_tp": args.moe_tp} if args.backend == "mpirun" else None
-    )
+            records = mpirun_records(args, args.work or Path(tmp))
     report = summarise(records)
-    report.update(backend=args.backend, layout=layout, checkpoint=str(args.checkpoint),
-                  seconds=round(time.time() - t0, 1))  # fmt: skip
+    report["seconds"] = round(time.time() - t0, 1)
+    report.update(backend=args.backend, checkpoint=str(args.checkpoint))
+    if args.backend == "mpirun":
+        report["layout"] = {"world": args.tp, "tp": args.tp, "ep": args.ep, "moe_tp": args.moe_tp}
+        if args.compare_hf:
+            report["agreement_with_transformers"] = agreement(
+                records, hf_records(args.checkpoint, args.limit)
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**report, "records": records}, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

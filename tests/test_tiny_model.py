@@ -244,3 +244,26 @@ def test_expert_layouts_round_trip():
     assert torch.equal(named["model.layers.1.mlp.experts.2.up_proj.weight"], gate_up[2, inter:])
     back = tiny_model.fused_experts_state(named, cfg)
     assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(
+    not (DEFAULT_CHECKPOINT / "config.json").is_file(), reason="tiny-kimi asset not trained yet"
+)
+def test_eval_script_through_convert_and_mpirun(tmp_path):
+    """The bench script's real path on the shipped model: convert to TP4 / MoE TP2 x EP2
+    block-FP8 rank files, greedy under `mpirun -np 4`, parse, run the tool, answer."""
+    out = tmp_path / "eval.json"
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "eval_tiny_model.py"),
+        "--limit",
+        "6",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["layout"] == {"world": 4, "tp": 4, "ep": 2, "moe_tp": 2}
+    assert report["figures"]["well_formed_sections"]["rate"] >= 0.8, report["figures"]
+    assert report["figures"]["right_tool"]["rate"] >= 0.8, report["figures"]
