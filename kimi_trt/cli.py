@@ -339,7 +339,12 @@ def triton_worker(engine_dir) -> None:
 @click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--triton", "triton_url", metavar="HOST:PORT", help="Use this Triton (gRPC).")
+@click.option(
+    "--triton",
+    "triton_url",
+    metavar="HOST:PORT|auto",
+    help="Use this Triton (gRPC); auto: start the bundled tritonserver for this engine dir.",
+)
 @click.option("--triton-model", help="Triton model [default: kimi or tensorrt_llm].")
 @click.option("--model-name", default="kimi-k2", show_default=True, help="Served model id.")
 @click.option("--batch-window-ms", type=float, default=5.0, show_default=True)

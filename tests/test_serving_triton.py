@@ -8,6 +8,7 @@ import json
 import queue
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -486,3 +487,30 @@ def test_triton_server_command_stops_cleanly(engine_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_with_its_own_triton(engine_dir, tmp_path):
+    """`kimi-trt serve --triton auto` starts tritonserver itself and stops it on exit."""
+
+    def work_dirs() -> set[Path]:
+        return {
+            p
+            for p in Path(tempfile.gettempdir()).glob("kimi_trt_triton_*")
+            if (p / "repo").is_dir()
+        }
+
+    before = work_dirs()
+    with api_server(engine_dir, tmp_path / "serve.log", "--triton", "auto") as base:
+        backend = httpx.get(base + "/health").json()["backend"]  # "Triton at HOST:PORT, ..."
+        assert backend.startswith("Triton at 127.0.0.1:")
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(
+            model="kimi-k2", messages=MESSAGES, tools=TOOLS, temperature=0
+        )
+        assert r.choices[0].finish_reason == "tool_calls"
+        ours = work_dirs() - before
+        assert len(ours) == 1
+    assert not any(p.exists() for p in ours)  # its repository is gone, and its server:
+    client = grpcclient.InferenceServerClient(backend.split()[2].rstrip(","))
+    with pytest.raises(Exception, match="(?i)unavailable|connect"):
+        client.is_server_live()

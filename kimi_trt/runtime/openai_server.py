@@ -4,7 +4,8 @@ Endpoints: GET /health, /metrics (Prometheus), /v1/models; POST /v1/chat/complet
 /v1/completions, /v1/messages. Tokens come from the runtime in this process (requests
 batched by an EngineBatcher; under mpirun rank 0 serves and the other ranks follow the
 runtime's worker loop) or from a Triton server (`--triton HOST:PORT`, gRPC) holding the
-repository `kimi-trt triton-repo` made for the same engine dir.
+repository `kimi-trt triton-repo` made for the same engine dir; `--triton auto` makes that
+repository and starts the bundled tritonserver itself, for the life of the API server.
 
 Errors use the caller's API style with the right status: 400 for invalid JSON, bad
 parameters and prompts longer than the engine's max input; 404 for an unknown model;
@@ -17,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -215,6 +218,34 @@ def _triton_backend(engine_dir, triton_url: str, triton_model: str | None):
     return backend, summary.max_seq_len
 
 
+@contextlib.contextmanager
+def _own_triton(engine_dir):
+    """`--triton auto`: a repository in a temp dir and the bundled tritonserver for it (leader
+    mode for multi-rank engines), both gone when the API server stops. Yields the gRPC URL."""
+    import shutil
+    import tempfile
+
+    from kimi_trt.runtime.triton_repo import summarize_engine, write_triton_repo
+    from kimi_trt.runtime.triton_server import TritonServer
+
+    summary = summarize_engine(engine_dir)
+    work = Path(tempfile.mkdtemp(prefix="kimi_trt_triton_"))
+    try:
+        write_triton_repo(engine_dir, work / "repo")
+        server = TritonServer(
+            work / "repo",
+            engine_dir=engine_dir,
+            world_size=summary.world_size,
+            engine_kind=summary.kind,
+            log_file=work / "tritonserver.log",
+        )
+        log.info("starting tritonserver (log: %s)", work / "tritonserver.log")
+        with server.start(timeout=600):
+            yield server.grpc_url
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]) -> None:
     import uvicorn
 
@@ -254,12 +285,20 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Run the API server until interrupted (every rank calls this under mpirun)."""
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception so the
+    # cleanups below (engine.shutdown for the other ranks, our own tritonserver) still run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     options = {
         "host": host,
         "port": port,
         "default_max_tokens": default_max_tokens,
         "log_level": log_level,
     }
+    if triton_url == "auto":
+        with _own_triton(engine_dir) as url:
+            backend, max_seq_len = _triton_backend(engine_dir, url, triton_model)
+            _run_app(backend, max_seq_len, model_name, options)
+        return
     if triton_url:
         backend, max_seq_len = _triton_backend(engine_dir, triton_url, triton_model)
         _run_app(backend, max_seq_len, model_name, options)
