@@ -9,6 +9,9 @@ with `os.preadv` straight into a tensor at the offsets the header gives - never 
 shard, never the whole model. (Not mmap/`safe_open`: every mapped page a process touches
 counts toward its resident memory until unmapped, so RSS would grow with the model;
 a pread leaves nothing behind but the page cache, and skips one copy.)
+Slices that are stored verbatim (FP8 bytes and their scales, by whole rows) are not read
+here at all: `raw_piece`/`raw_rows` return their byte ranges (`FileSlice`) and the rank
+writer streams them file to file.
 Every error is one line naming the file and the tensor.
 """
 
@@ -27,7 +30,7 @@ import torch
 from kimi_trt.config import ModelConfig
 from kimi_trt.convert.formats import Piece
 from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
-from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE
+from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE, FileSlice
 from kimi_trt.convert.weight_table import consumed_sources, is_ignored
 from kimi_trt.errors import CheckpointError
 
@@ -163,7 +166,7 @@ class HFCheckpoint:
         dtype, shape = ST_TO_DTYPE[info.dtype], info.shape
         r0, r1 = rows or (0, shape[0])
         row_bytes = info.nbytes // shape[0] if shape[0] else 0
-        if cols is None or len(shape) == 1:
+        if cols is None or len(shape) == 1 or cols == (0, shape[1]):
             out = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
             self._pread_into(info.file, out, info.offset + r0 * row_bytes)
             return out
@@ -193,6 +196,37 @@ class HFCheckpoint:
         scols = self._block_range(name, cols, 1)
         scale = self.read(base + ".weight_scale_inv", srows, scols)
         return Piece(name, q, scale, self.block)
+
+    def raw_rows(self, name: str, rows: tuple[int, int] | None = None) -> FileSlice:
+        """The byte range of rows [r0, r1) of `name` (whole tensor without `rows`)."""
+        info = self.tensors[name]
+        shape = info.shape
+        r0, r1 = rows or (0, shape[0])
+        row_bytes = info.nbytes // shape[0] if shape[0] else 0
+        return FileSlice(
+            self.path / info.file,
+            info.offset + r0 * row_bytes,
+            (r1 - r0) * row_bytes,
+            ST_TO_DTYPE[info.dtype],
+            (r1 - r0, *shape[1:]),
+        )
+
+    def raw_piece(
+        self, base: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> tuple[FileSlice, FileSlice] | None:
+        """`piece` as byte ranges (FP8 weight, block scales), or None when not contiguous.
+
+        Contiguous means whole rows: no `cols`, or cols spanning dim 1. Same block checks
+        (and errors) as `piece`.
+        """
+        name = base + ".weight"
+        if self.block is None:
+            return None
+        width = self.tensors[name].shape[1]
+        if cols is not None and cols != (0, width):
+            return None
+        srows = self._block_range(name, rows, 0)
+        return self.raw_rows(name, rows), self.raw_rows(base + ".weight_scale_inv", srows)
 
     def _block_range(
         self, name: str, span: tuple[int, int] | None, dim: int

@@ -3,8 +3,10 @@
 Each transform reads the rank's slices of its HF sources (`HFCheckpoint.piece/read`),
 stores them in the target's format and yields the stored tensor in consecutive parts
 as consecutive row-major chunks (a part is one source slice, one head or a block of
-vocab rows), so a rank file is written with at most one part in memory. `TRANSFORMS` maps the names
-used in `weight_table.Rule.transform` to these functions.
+vocab rows), so a rank file is written with at most one part in memory. A part kept
+byte for byte (fp8_block from an FP8 checkpoint, bf16 vocab rows) is yielded as a
+`FileSlice` - its source byte range - and copied by the writer without being read here.
+`TRANSFORMS` maps the names used in `weight_table.Rule.transform` to these functions.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import torch
 from kimi_trt.config import ModelConfig, WeightFormats
 from kimi_trt.convert.formats import ErrorStats, Piece, encode
 from kimi_trt.convert.reader import HFCheckpoint
+from kimi_trt.convert.safetensors_io import ST_TO_DTYPE, FileSlice
 from kimi_trt.convert.weight_table import Rule, format_of, mla_dtype, vocab_size_padded
 from kimi_trt.mapping import Mapping
 
-Part = tuple[torch.Tensor, torch.Tensor | None]  # (stored weight slice, its scale slice)
+Stored = torch.Tensor | FileSlice
+Part = tuple[Stored, Stored | None]  # (stored weight slice, its scale slice)
 VOCAB_ROWS_PER_PART = 8192
 ENCODE_ROWS = 1024  # rows requantised at once (a multiple of the FP8 block)
 ABSORB_HEADS = 8  # heads of fused_q_proj computed at once
@@ -52,6 +56,23 @@ class RankContext:
     def moe_span(self, n: int) -> tuple[int, int]:
         m = self.mapping
         return self.span(n, m.moe_tp_size, m.moe_tp_rank(self.rank))
+
+    def stored(
+        self,
+        base: str,
+        rule: Rule,
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> Iterator[Part]:
+        """`base`'s slice in its rule's format: its byte ranges when fp8_block keeps the
+        checkpoint's bytes and the slice is whole rows, else read and `encode`d."""
+        if format_of(rule, self.formats) == "fp8_block":
+            raw = self.reader.raw_piece(base, rows, cols)
+            if raw is not None:
+                self.stats.setdefault(rule.cls, ErrorStats())  # exact: no error to add
+                yield raw
+                return
+        yield from self.encode(self.reader.piece(base, rows, cols), rule)
 
     def encode(self, piece: Piece, rule: Rule) -> Iterator[Part]:
         """Store a piece in its rule's format; requantised in row chunks (bounded memory)."""
@@ -93,7 +114,7 @@ def copy(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
         return
     rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
     cols = ctx.attn_span(_dim1_size(ctx, base)) if rule.shard == "cols" else None
-    yield from ctx.encode(ctx.reader.piece(base, rows, cols), rule)
+    yield from ctx.stored(base, rule, rows, cols)
 
 
 def concat_rows(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -101,7 +122,7 @@ def concat_rows(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Par
     for src in rule.sources:
         base = _base(src, layer)
         rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
-        yield from ctx.encode(ctx.reader.piece(base, rows), rule)
+        yield from ctx.stored(base, rule, rows)
 
 
 def to_fp32(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -113,14 +134,14 @@ def experts_up_gate(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator
     rows = ctx.moe_span(ctx.model.moe_intermediate_size)
     for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
         for src in rule.sources:
-            yield from ctx.encode(ctx.reader.piece(_base(src, layer, e), rows), rule)
+            yield from ctx.stored(_base(src, layer, e), rule, rows)
 
 
 def experts_down(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     """Per local expert: the down_proj columns of this moe_tp rank ([El, H, Il])."""
     cols = ctx.moe_span(ctx.model.moe_intermediate_size)
     for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
-        yield from ctx.encode(ctx.reader.piece(_base(rule.sources[0], layer, e), None, cols), rule)
+        yield from ctx.stored(_base(rule.sources[0], layer, e), rule, None, cols)
 
 
 def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -152,9 +173,13 @@ def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]
     v, h = ctx.model.vocab_size, ctx.model.hidden_size
     start, end = ctx.attn_span(vocab_size_padded(ctx.model, ctx.mapping))
     dtype = torch.float32 if ctx.formats.embeddings == "fp32" else torch.bfloat16
-    for lo in range(start, min(end, v), VOCAB_ROWS_PER_PART):
-        hi = min(lo + VOCAB_ROWS_PER_PART, end, v)
-        yield ctx.reader.read(src, (lo, hi)).to(dtype), None
+    last = min(end, v)  # rows [start, last) come from the checkpoint
+    if start < last and ST_TO_DTYPE[ctx.reader.tensors[src].dtype] == dtype:
+        yield ctx.reader.raw_rows(src, (start, last)), None
+    else:
+        for lo in range(start, last, VOCAB_ROWS_PER_PART):
+            hi = min(lo + VOCAB_ROWS_PER_PART, last)
+            yield ctx.reader.read(src, (lo, hi)).to(dtype), None
     if end > v:
         yield torch.zeros(end - max(start, v), h, dtype=dtype), None
 

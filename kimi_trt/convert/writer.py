@@ -15,11 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kimi_trt.convert.rank_checkpoint import rank_file_name
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
-from kimi_trt.convert.transforms import TRANSFORMS, RankContext
+from kimi_trt.convert.transforms import TRANSFORMS, Part, RankContext, Stored
 from kimi_trt.convert.weight_table import rank_tensor_specs, rule_instances, rule_targets
 from kimi_trt.errors import CheckpointError
 
@@ -29,11 +27,11 @@ class Cancelled(Exception):
 
 
 def _parts(
-    gen: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
-    scales: list[torch.Tensor],
+    gen: Iterator[Part],
+    scales: list[Stored],
     advance: Callable[[int], None],
     stop: threading.Event,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[Stored]:
     for weight, scale in gen:
         if stop.is_set():
             raise Cancelled
@@ -63,7 +61,7 @@ def write_rank(
             for rule, layer in rule_instances(model):
                 targets = rule_targets(rule, model, mapping, formats, layer)
                 current = targets[0].name
-                scales: list[torch.Tensor] = []
+                scales: list[Stored] = []
                 gen = TRANSFORMS[rule.transform](ctx, rule, layer)
                 writer.write_parts(current, _parts(gen, scales, advance, stop))
                 if len(targets) > 1:
