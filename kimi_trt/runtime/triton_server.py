@@ -16,6 +16,7 @@ the engine) and ranks > 0 run `kimi-trt triton-worker`, our runtime's worker loo
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ from pathlib import Path
 from kimi_trt.errors import MissingCapability, UserError
 
 STUB_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,6 +97,14 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if we die (Linux), so no server is orphaned."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: stop() and the context manager still apply
+        pass
 
 
 @dataclass
@@ -209,7 +219,12 @@ class TritonServer:
         env["MASTER_PORT"] = str(free_port())
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            self.command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            self.command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.wait_ready(timeout)
         return self
