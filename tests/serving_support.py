@@ -23,6 +23,7 @@ from kimi_trt.config import Parallelism, WeightFormats
 from kimi_trt.convert.converter import run_conversion
 from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint
 from kimi_trt.runtime.tokenizer import KimiTokenizer
+from kimi_trt.runtime.triton_server import die_with_parent
 from kimi_trt.testing.scripted_model import script_checkpoint, tool_call_script
 from tests.runtime_support import free_port, mpi_env, mpirun
 
@@ -89,7 +90,9 @@ def api_server(engine_dir: Path, log: Path, *extra: str, ranks: int = 1, timeout
     if ranks > 1:
         cmd = mpirun(ranks, *cmd)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=mpi_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, env=mpi_env(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(base + "/health", proc, timeout, log)
