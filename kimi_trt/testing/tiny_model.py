@@ -47,9 +47,9 @@ TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
 # cannot silently alter the trained model's shapes.
 TINY_SHAPES = {
     "hidden_size": 256,
-    "intermediate_size": 1024,
-    "moe_intermediate_size": 512,
-    "n_shared_experts": 1,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 256,
+    "n_shared_experts": 2,
     "first_k_dense_replace": 1,
     "num_attention_heads": 8,
     "num_key_value_heads": 8,
