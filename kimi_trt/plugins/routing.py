@@ -153,13 +153,9 @@ def route_noaux_tc(
     Vectorised over tokens; a stable descending sort implements "lower id wins ties".
     Works on any device (it is also the eager baseline of bench/routing_gpu.py).
     """
-    params = dict(
-        top_k=top_k,
-        n_group=n_group,
-        topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor,
-        norm_topk_prob=norm_topk_prob,
-    )
+    params = RouterParams(
+        top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
+    ).kwargs()
     check_router_inputs(logits, bias, **params)
     scores = logits.float().sigmoid()
     choice = scores + bias
@@ -186,13 +182,9 @@ def route(
 
     Same arguments and results as `route_noaux_tc` (the kernel agrees with it id for id).
     """
-    params = dict(
-        top_k=top_k,
-        n_group=n_group,
-        topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor,
-        norm_topk_prob=norm_topk_prob,
-    )
+    params = RouterParams(
+        top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
+    ).kwargs()
     if logits.is_cuda:
         from kimi_trt.plugins import routing_triton  # imports triton; CUDA hosts only
 
