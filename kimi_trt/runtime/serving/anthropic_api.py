@@ -26,14 +26,18 @@ from kimi_trt.runtime.serving.openai_api import (
     check_model,
     sampling_params,
 )
-from kimi_trt.runtime.serving.pipeline import Finish, GenerationRequest, generate_events
+from kimi_trt.runtime.serving.pipeline import (
+    Finish,
+    GenerationRequest,
+    generate_events,
+    generate_output,
+)
 from kimi_trt.runtime.serving.schemas import AnthropicMessagesRequest, APIError
 from kimi_trt.runtime.tool_parser import (
     ContentDelta,
     ToolCallArgumentsDelta,
     ToolCallEnd,
     ToolCallStart,
-    collect,
 )
 
 TEMPERATURE_SCALE = 0.6
@@ -145,18 +149,28 @@ def _arguments(text: str) -> Any:
         return {"_raw_arguments": text}
 
 
-def _message_id() -> str:
-    return f"msg_{uuid.uuid4().hex}"
+def _message(
+    state: ServerState,
+    content: list[dict[str, Any]],
+    stop_reason: str | None,
+    stop_sequence: str | None,
+    usage: dict[str, int],
+) -> dict[str, Any]:
+    """An assistant Message object: the whole response, or the stream's message_start."""
+    return {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_name,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": usage,
+    }
 
 
 async def messages_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
-    events, finish = [], None
-    async for event in generate_events(state.backend, gen, state.metrics):
-        if isinstance(event, Finish):
-            finish = event
-        else:
-            events.append(event)
-    parsed = collect(events)
+    parsed, finish = await generate_output(state.backend, gen, state.metrics)
     content: list[dict[str, Any]] = []
     if parsed.content:
         content.append({"type": "text", "text": parsed.content})
@@ -171,16 +185,8 @@ async def messages_response(state: ServerState, gen: GenerationRequest) -> dict[
             }
         )
     stop_reason, stop_sequence = _stop(finish)
-    return {
-        "id": _message_id(),
-        "type": "message",
-        "role": "assistant",
-        "model": state.model_name,
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens},
-    }
+    usage = {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens}
+    return _message(state, content, stop_reason, stop_sequence, usage)
 
 
 def event(kind: str, data: dict[str, Any]) -> str:
@@ -209,16 +215,8 @@ class _Blocks:
 
 
 async def messages_stream(state: ServerState, gen: GenerationRequest) -> AsyncIterator[str]:
-    message = {
-        "id": _message_id(),
-        "type": "message",
-        "role": "assistant",
-        "model": state.model_name,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": len(gen.prompt), "output_tokens": 0},
-    }
+    usage = {"input_tokens": len(gen.prompt), "output_tokens": 0}
+    message = _message(state, [], None, None, usage)
     yield event("message_start", {"message": message})
     blocks = _Blocks()
     async for ev in generate_events(state.backend, gen, state.metrics):

@@ -19,7 +19,12 @@ from typing import Any
 
 from kimi_trt.errors import UserError
 from kimi_trt.runtime.sampling import SamplingParams
-from kimi_trt.runtime.serving.pipeline import Finish, GenerationRequest, generate_events
+from kimi_trt.runtime.serving.pipeline import (
+    Finish,
+    GenerationRequest,
+    generate_events,
+    generate_output,
+)
 from kimi_trt.runtime.serving.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -29,7 +34,6 @@ from kimi_trt.runtime.tool_parser import (
     ContentDelta,
     ToolCallArgumentsDelta,
     ToolCallStart,
-    collect,
 )
 
 DEFAULT_TEMPERATURE = 0.6  # Kimi-K2's recommendation when the request gives none
@@ -139,13 +143,7 @@ def _ids(kind: str) -> tuple[str, int]:
 
 
 async def chat_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
-    events, finish = [], None
-    async for event in generate_events(state.backend, gen, state.metrics):
-        if isinstance(event, Finish):
-            finish = event
-        else:
-            events.append(event)
-    parsed = collect(events)
+    parsed, finish = await generate_output(state.backend, gen, state.metrics)
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
     if parsed.tool_calls:
         message["tool_calls"] = parsed.tool_calls
@@ -184,17 +182,19 @@ async def chat_stream(
 ) -> AsyncIterator[str]:
     rid, created = _ids("chatcmpl")
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    def chunk_with(choices: list[dict[str, Any]], **extra) -> str:
         body = {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": state.model_name,
-            "choices": [choice],
+            "choices": choices,
             **extra,
         }
         return sse(body)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return chunk_with([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
 
     yield chunk({"role": "assistant", "content": ""})
     async for event in generate_events(state.backend, gen, state.metrics):
@@ -203,28 +203,15 @@ async def chat_stream(
         elif isinstance(event, Finish):
             yield chunk({}, event.reason)
             if include_usage:
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": state.model_name,
-                        "choices": [],
-                        "usage": _usage(event),
-                    }
-                )
+                yield chunk_with([], usage=_usage(event))
         elif (delta := _tool_delta(event)) is not None:
             yield chunk({"tool_calls": [delta]})
     yield sse("[DONE]")
 
 
 async def completion_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
-    text, finish = [], None
-    async for event in generate_events(state.backend, gen, state.metrics):
-        if isinstance(event, Finish):
-            finish = event
-        elif isinstance(event, ContentDelta):
-            text.append(event.text)
+    # Completions do not parse tools: the output is content only.
+    parsed, finish = await generate_output(state.backend, gen, state.metrics)
     rid, created = _ids("cmpl")
     return {
         "id": rid,
@@ -232,7 +219,7 @@ async def completion_response(state: ServerState, gen: GenerationRequest) -> dic
         "created": created,
         "model": state.model_name,
         "choices": [
-            {"index": 0, "text": "".join(text), "finish_reason": finish.reason, "logprobs": None}
+            {"index": 0, "text": parsed.content, "finish_reason": finish.reason, "logprobs": None}
         ],
         "usage": _usage(finish),
     }

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from kimi_trt.runtime.sampling import SamplingParams
 from kimi_trt.runtime.tool_parser import (
     ContentDelta,
+    ParsedOutput,
     StreamingToolCallParser,
     ToolCallArgumentsDelta,
     ToolCallEnd,
     ToolCallEvent,
     ToolCallStart,
+    collect,
 )
 
 TOOL_EVENTS = (ToolCallStart, ToolCallArgumentsDelta, ToolCallEnd)
@@ -140,6 +142,19 @@ async def generate_events(backend, request: GenerationRequest, metrics) -> Async
         if not finished:  # consumer gone (client disconnect) or an error: free the slot
             stream.cancel()
             metrics.finished(timer, len(request.prompt), stream.generated, "cancelled")
+
+
+async def generate_output(
+    backend, request: GenerationRequest, metrics
+) -> tuple[ParsedOutput, Finish]:
+    """Run `request` to its end for a non-streaming response: the assembled output + Finish."""
+    events, finish = [], None
+    async for event in generate_events(backend, request, metrics):
+        if isinstance(event, Finish):
+            finish = event
+        else:
+            events.append(event)
+    return collect(events), finish
 
 
 def _filter(events: list[ToolCallEvent], matcher: StopStringMatcher, allow_tools: bool):
