@@ -10,9 +10,16 @@ rejected with a 400 that names the parameter instead of being silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -68,6 +75,20 @@ def validation_error(err: ValidationError) -> APIError:
     return APIError(400, f"{where}: {message}" if where else message, param=loc[0] if loc else None)
 
 
+def _unsupported(message: str) -> AfterValidator:
+    """A parameter we cannot honour: any value but its default (0, False, None) is a 400."""
+
+    def check(value):
+        if value:
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+_NO_PENALTIES = _unsupported("penalties are not supported (must be 0)")
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -80,9 +101,9 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = Field(None, validate_default=True)
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
+    presence_penalty: Annotated[float, _NO_PENALTIES] = 0.0
+    frequency_penalty: Annotated[float, _NO_PENALTIES] = 0.0
+    logprobs: Annotated[bool | int | None, _unsupported("logprobs are not supported")] = None
     stream_options: dict[str, Any] | None = None
 
     @field_validator("stop")
@@ -98,20 +119,6 @@ class _Request(BaseModel):
     def _n(cls, v):
         if v != 1:
             raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v):
-        if v != 0:
-            raise ValueError("penalties are not supported (must be 0)")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
         return v
 
     @property
@@ -144,7 +151,7 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str]
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    echo: Annotated[bool, _unsupported("echo is not supported")] = False
 
     @field_validator("prompt")
     @classmethod
@@ -154,13 +161,6 @@ class CompletionRequest(_Request):
                 raise ValueError("only one prompt per request is supported")
         if not v:
             raise ValueError("the prompt is empty")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
         return v
 
 
