@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -27,6 +28,19 @@ class KimiGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+# Options several commands share (each use of a click.option decorator makes a new Option).
+PATH_TYPE = click.Path(path_type=Path)
+BUILD_CONFIG_OPTION = click.option(
+    "--config", "config_path", type=PATH_TYPE, required=True, help="Build YAML."
+)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def engine_dir_option(help: str | None = None) -> Callable[[Callable], Callable]:
+    """`--engine-dir DIR` (required), for the commands that read an engine dir."""
+    return click.option("--engine-dir", type=PATH_TYPE, required=True, help=help)
 
 
 @click.group(cls=KimiGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +75,7 @@ def main() -> None:
 )
 @click.option("--no-fp8", is_flag=True, help="Write BF16 weights instead of block-FP8.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--out", type=PATH_TYPE, required=True, help="Output directory.")
 @click.option("--quiet", is_flag=True)
 def synth(preset, layers, experts, vocab, overrides, no_fp8, seed, out, quiet) -> None:
     """Write a synthetic HF checkpoint laid out exactly like Kimi-K2's (random weights)."""
@@ -86,8 +100,8 @@ def synth(preset, layers, experts, vocab, overrides, no_fp8, seed, out, quiet) -
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("path", type=PATH_TYPE)
+@JSON_OPTION
 def inspect(path: Path, as_json: bool) -> None:
     """Describe an HF checkpoint, a per-rank checkpoint or an engine dir."""
     from kimi_trt.inspect import describe, render
@@ -99,10 +113,10 @@ def inspect(path: Path, as_json: bool) -> None:
 @main.command()
 @click.option(
     "--checkpoint",
-    type=click.Path(path_type=Path),
+    type=PATH_TYPE,
     help="HF checkpoint dir (config.json + safetensors). Omit with --verify to only re-check --out.",
 )
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--out", type=PATH_TYPE, required=True, help="Output directory.")
 @click.option("--tp", type=int, default=1, show_default=True, help="World size (ranks).")
 @click.option("--ep", type=int, help="Expert-parallel ways [default: tp / moe-tp].")
 @click.option("--moe-tp", type=int, help="Ways each expert is split [default: tp / ep].")
@@ -144,15 +158,13 @@ def convert(
 
 
 @main.command()
-@click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Build YAML."
-)
+@BUILD_CONFIG_OPTION
 @click.option(
     "--model-config",
-    type=click.Path(path_type=Path),
+    type=PATH_TYPE,
     help="config.json to plan with instead of <checkpoint>/config.json (plan before downloading).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON_OPTION
 def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
     """Per-GPU memory plan of a build config, from configs alone (no weights are read).
 
@@ -170,9 +182,7 @@ def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Build YAML."
-)
+@BUILD_CONFIG_OPTION
 @click.option(
     "--stop-after",
     type=click.Choice(["plan", "convert", "compile", "package"]),
@@ -200,20 +210,18 @@ def build(config_path: Path, stop_after: str | None) -> None:
 
 
 @main.command()
-@click.option(
-    "--engine-dir", type=click.Path(path_type=Path), required=True, help="Engine dir to run."
-)
+@engine_dir_option("Engine dir to run.")
 @click.option("--prompt", help="Raw text prompt (needs a tokenizer).")
 @click.option("--chat", help="One user message, rendered with the chat template.")
 @click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
 @click.option(
     "--input-file",
-    type=click.Path(path_type=Path),
+    type=PATH_TYPE,
     help='JSON lines: {"prompt"|"chat"|"messages"|"prompt_ids": ...} per line.',
 )
 @click.option(
     "--tokenizer-dir",
-    type=click.Path(path_type=Path),
+    type=PATH_TYPE,
     help="Directory with tiktoken.model [default: the engine dir].",
 )
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
@@ -257,9 +265,9 @@ def run(
 
 
 @main.command("triton-repo")
-@click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository dir.")
-@click.option("--tokenizer-dir", type=click.Path(path_type=Path), help="Default: the engine dir's.")
+@engine_dir_option()
+@click.option("--out", type=PATH_TYPE, required=True, help="Repository dir.")
+@click.option("--tokenizer-dir", type=PATH_TYPE, help="Default: the engine dir's.")
 @click.option(
     "--no-streaming",
     is_flag=True,
@@ -309,12 +317,12 @@ def triton_repo(engine_dir, out, tokenizer_dir, no_streaming, force, **options) 
 
 
 @main.command("triton-server")
-@click.option("--model-repository", "repo", type=click.Path(path_type=Path), required=True)
+@click.option("--model-repository", "repo", type=PATH_TYPE, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
-@click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log.")
+@click.option("--log-file", type=PATH_TYPE, help="tritonserver's log.")
 def triton_server(repo, host, http_port, grpc_port, metrics_port, log_file) -> None:
     """Run the tritonserver bundled with nvidia-pytriton on a repository from triton-repo.
 
@@ -327,7 +335,7 @@ def triton_server(repo, host, http_port, grpc_port, metrics_port, log_file) -> N
 
 
 @main.command("triton-worker", hidden=True)
-@click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
+@engine_dir_option()
 def triton_worker(engine_dir) -> None:
     """Rank > 0 of a leader-mode Triton job (started by triton-server)."""
     from kimi_trt.runtime.serving.cli_support import triton_worker_command
@@ -336,7 +344,7 @@ def triton_worker(engine_dir) -> None:
 
 
 @main.command()
-@click.option("--engine-dir", type=click.Path(path_type=Path), required=True)
+@engine_dir_option()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option(
