@@ -359,20 +359,25 @@ def _check_consistency(src: str, cfg: ModelConfig) -> None:
         raise ConfigError(f"{src}: rope_scaling.factor={rs.factor} must be >= 1")
 
 
+def read_config_json(p: Path) -> Any:
+    """The parsed JSON of a config.json (HF or per-rank); a one-line ConfigError naming the
+    file when it is absent or malformed."""
+    if not p.is_file():
+        raise ConfigError(f"{p}: config.json not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+
+
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read `config.json` from a checkpoint dir (or the file itself)."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    if not p.is_file():
-        raise ConfigError(f"{p}: config.json not found")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
-    return model_config_from_dict(raw, src=str(p))
+    return model_config_from_dict(read_config_json(p), src=str(p))
 
 
 # ---- build config (YAML) -----------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kimi_trt.config import ModelConfig, WeightFormats, model_config_from_dict
+from kimi_trt.config import ModelConfig, WeightFormats, model_config_from_dict, read_config_json
 from kimi_trt.convert.weight_table import (
     FORMAT_VERSION,
     dtype_name,
@@ -205,13 +205,7 @@ def read_rank_config(path: str | Path) -> RankCheckpointConfig:
     """Read `<dir>/config.json` of a per-rank checkpoint (or engine dir holding one)."""
     d = Path(path)
     p = d / CONFIG_NAME
-    if not p.is_file():
-        raise ConfigError(f"{p}: config.json not found")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    return parse_config(raw, str(p), d)
+    return parse_config(read_config_json(p), str(p), d)
 
 
 def is_rank_checkpoint(path: Path) -> bool:
