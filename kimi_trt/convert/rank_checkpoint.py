@@ -94,7 +94,6 @@ def build_config(
     tool_version: str,
 ) -> dict[str, Any]:
     """The per-rank checkpoint's config.json content (deterministic: no timestamps)."""
-    rs = model.rope_scaling
     block = model.weight_block_size or ((128, 128) if _uses_blocks(formats) else None)
     return {
         "architecture": ARCHITECTURE,
@@ -111,17 +110,7 @@ def build_config(
         "norm_epsilon": model.rms_norm_eps,
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": model.rope_theta,
-        "rotary_scaling": None
-        if rs is None
-        else {
-            "type": "yarn",
-            "factor": rs.factor,
-            "beta_fast": rs.beta_fast,
-            "beta_slow": rs.beta_slow,
-            "mscale": rs.mscale,
-            "mscale_all_dim": rs.mscale_all_dim,
-            "original_max_position_embeddings": rs.original_max_position_embeddings,
-        },
+        "rotary_scaling": _rotary_scaling(model),
         "mapping": mapping.to_trtllm_dict(),
         "quantization": {
             "quant_algo": _quant_algo(formats),
@@ -137,17 +126,7 @@ def build_config(
         "v_head_dim": model.v_head_dim,
         "first_k_dense_replace": model.first_k_dense_replace,
         "moe_inter_size": model.moe_intermediate_size,
-        "moe": {
-            "num_experts": model.n_routed_experts,
-            "top_k": model.num_experts_per_tok,
-            "shared_expert_intermediate_size": model.moe_intermediate_size * model.n_shared_experts,
-            "topk_method": model.topk_method,
-            "scoring_func": model.scoring_func,
-            "norm_topk_prob": model.norm_topk_prob,
-            "device_limited_n_group": model.n_group,
-            "device_limited_topk_group": model.topk_group,
-            "device_limited_routed_scaling_factor": model.routed_scaling_factor,
-        },
+        "moe": _moe_section(model),
         "kimi_trt": {
             "format_version": FORMAT_VERSION,
             "tool_version": tool_version,
@@ -159,6 +138,37 @@ def build_config(
             "weight_block_size": list(block) if block else None,
             "hf_config": model.to_hf_dict(),
         },
+    }
+
+
+def _rotary_scaling(model: ModelConfig) -> dict[str, Any] | None:
+    """HF `rope_scaling` (YaRN) as TensorRT-LLM's `rotary_scaling`."""
+    rs = model.rope_scaling
+    if rs is None:
+        return None
+    return {
+        "type": "yarn",
+        "factor": rs.factor,
+        "beta_fast": rs.beta_fast,
+        "beta_slow": rs.beta_slow,
+        "mscale": rs.mscale,
+        "mscale_all_dim": rs.mscale_all_dim,
+        "original_max_position_embeddings": rs.original_max_position_embeddings,
+    }
+
+
+def _moe_section(model: ModelConfig) -> dict[str, Any]:
+    """TensorRT-LLM's `moe` config: expert count, top-k and the noaux_tc routing attributes."""
+    return {
+        "num_experts": model.n_routed_experts,
+        "top_k": model.num_experts_per_tok,
+        "shared_expert_intermediate_size": model.moe_intermediate_size * model.n_shared_experts,
+        "topk_method": model.topk_method,
+        "scoring_func": model.scoring_func,
+        "norm_topk_prob": model.norm_topk_prob,
+        "device_limited_n_group": model.n_group,
+        "device_limited_topk_group": model.topk_group,
+        "device_limited_routed_scaling_factor": model.routed_scaling_factor,
     }
 
 
