@@ -414,6 +414,10 @@ class Parallelism(_Strict):
         return self.tp * self.pp
 
 
+# The tensor classes a WeightFormat applies to (linear layers; embeddings have their own).
+LINEAR_CLASSES = ("attention", "dense_mlp", "shared_expert", "experts")
+
+
 class WeightFormats(_Strict):
     """Storage format per tensor class. Norms, router and bias are always kept as-is."""
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from kimi_trt.config import (
+    LINEAR_CLASSES,
     BuildConfig,
     Limits,
     ModelConfig,
@@ -391,7 +392,6 @@ def smallest_fitting_layout(
 
 
 LINEAR_FORMATS: tuple[str, ...] = get_args(WeightFormat)
-_LINEAR_CLASSES = ("attention", "dense_mlp", "shared_expert", "experts")
 
 
 def weights_by_format(build: BuildConfig, model: ModelConfig) -> dict[str, dict[str, int]]:
@@ -402,9 +402,9 @@ def weights_by_format(build: BuildConfig, model: ModelConfig) -> dict[str, dict[
         return {}
     out = {}
     for fmt in LINEAR_FORMATS:
-        formats = build.weights.model_copy(update=dict.fromkeys(_LINEAR_CLASSES, fmt))
+        formats = build.weights.model_copy(update=dict.fromkeys(LINEAR_CLASSES, fmt))
         got = rank_weight_bytes(model, mapping, formats, 0)
-        out[fmt] = {c: got[c] for c in _LINEAR_CLASSES}
+        out[fmt] = {c: got[c] for c in LINEAR_CLASSES}
     return out
 
 
@@ -491,7 +491,7 @@ def _render_by_format(by_format: dict[str, dict[str, int]]) -> list[str]:
         "weights per rank (GB) if a class were stored as:",
         f"  {'':<15}" + "".join(f"{f:>11}" for f in fmts),
     ]
-    for cls in _LINEAR_CLASSES:
+    for cls in LINEAR_CLASSES:
         lines.append(f"  {cls:<15}" + "".join(f"{by_format[f][cls] / GB:11.2f}" for f in fmts))
     return lines
 

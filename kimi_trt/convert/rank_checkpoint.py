@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kimi_trt.config import ModelConfig, WeightFormats, model_config_from_dict, read_config_json
+from kimi_trt.config import (
+    LINEAR_CLASSES,
+    ModelConfig,
+    WeightFormats,
+    model_config_from_dict,
+    read_config_json,
+)
 from kimi_trt.convert.weight_table import (
     FORMAT_VERSION,
     dtype_name,
@@ -76,7 +82,7 @@ def checkpoint_hash(model: ModelConfig, mapping: Mapping, formats: WeightFormats
 
 def _quant_algo(formats: WeightFormats) -> str | None:
     """TensorRT-LLM's QuantAlgo name when all linear classes share one format (informational)."""
-    linear = {formats.for_class(c) for c in ("attention", "dense_mlp", "shared_expert", "experts")}
+    linear = {formats.for_class(c) for c in LINEAR_CLASSES}
     if len(linear) > 1:
         return "MIXED_PRECISION"
     return {
@@ -173,10 +179,7 @@ def _moe_section(model: ModelConfig) -> dict[str, Any]:
 
 
 def _uses_blocks(formats: WeightFormats) -> bool:
-    return any(
-        formats.for_class(c) in ("fp8_block", "fp8_ue8m0")
-        for c in ("attention", "dense_mlp", "shared_expert", "experts")
-    )
+    return any(formats.for_class(c) in ("fp8_block", "fp8_ue8m0") for c in LINEAR_CLASSES)
 
 
 def parse_config(raw: dict[str, Any], src: str, path: Path) -> RankCheckpointConfig:

@@ -24,9 +24,8 @@ The facts, from TensorRT-LLM 1.2's sources:
 
 from __future__ import annotations
 
-from kimi_trt.config import BuildConfig, ModelConfig
+from kimi_trt.config import LINEAR_CLASSES, BuildConfig, ModelConfig
 
-LINEAR_CLASSES = ("attention", "dense_mlp", "shared_expert", "experts")
 TRTLLM_FORMATS: dict[str, tuple[str, ...]] = {
     "attention": ("bf16",),
     "dense_mlp": ("bf16", "int8_wo"),
