@@ -56,24 +56,17 @@ class ServerMetrics:
         self.finished_requests = Counter(
             PREFIX + "request_finished", "Finished generations", ["reason"], registry=r
         )
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Time from request arrival to its first generated token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+
+        def latency(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=LATENCY_BUCKETS, registry=r)
+
+        self.ttft = latency(
+            "time_to_first_token_seconds", "Time from request arrival to its first generated token"
         )
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between consecutive generated tokens of a request",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.itl = latency(
+            "inter_token_latency_seconds", "Time between consecutive generated tokens of a request"
         )
-        self.e2e = Histogram(
-            PREFIX + "request_latency_seconds",
-            "Time from request arrival to its last token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.e2e = latency("request_latency_seconds", "Time from request arrival to its last token")
         self.backend_finished = Counter(
             PREFIX + "backend_requests_finished",
             "Requests as the in-process runtime ended them (cancelled: the slot was freed early)",
