@@ -14,6 +14,7 @@ there and leaves the workers waiting for the next command.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,28 @@ def check_prompts(
             raise UserError(f"prompt {i} leaves no room to generate (max_seq_len {max_seq_len})")
 
 
+def sampling_params_list(
+    prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None
+) -> list[SamplingParams]:
+    """One SamplingParams per prompt: None -> defaults, one -> shared by all, a list -> as is."""
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, SamplingParams):
+        return [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
+    return list(params)
+
+
+def default_stop_ids(config_eos: Iterable[int], tokenizer) -> tuple[int, ...]:
+    """Default stop ids: config eos, plus the tokenizer's (<|im_end|>) when present."""
+    ids = list(config_eos)
+    for t in getattr(tokenizer, "eos_token_ids", ()) or ():
+        if t not in ids:
+            ids.append(t)
+    return tuple(ids)
+
+
 class Engine:
     """A loaded model on this rank. Rank 0: generate/score/shutdown; others: worker_loop."""
 
@@ -223,11 +246,7 @@ class Engine:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Default stop ids: config eos, plus the tokenizer's (<|im_end|>) when present."""
-        ids = list(self.model_config.eos_token_ids)
-        for t in getattr(self.tokenizer, "eos_token_ids", ()) or ():
-            if t not in ids:
-                ids.append(t)
-        return tuple(ids)
+        return default_stop_ids(self.model_config.eos_token_ids, self.tokenizer)
 
     # ---- driver API (rank 0) ---------------------------------------------------------
     def generate(
@@ -238,7 +257,7 @@ class Engine:
     ) -> list[GenerationResult]:
         """Continue each prompt. `on_token(i, token)` streams; returning False cancels request i."""
         self._require_driver("generate")
-        plist = self._params_list(prompts, params)
+        plist = sampling_params_list(prompts, params)
         self.validate_prompts(prompts, plist)
         if not prompts:
             return []
@@ -302,16 +321,6 @@ class Engine:
     def _require_driver(self, what: str) -> None:
         if not self.is_driver:
             raise RuntimeError(f"{what}() runs on rank 0; rank {self.rank} calls worker_loop()")
-
-    @staticmethod
-    def _params_list(prompts, params) -> list[SamplingParams]:
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            return [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        return list(params)
 
     def validate_prompts(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         """Raise UserError (before anything is broadcast) for prompts the engine cannot run."""

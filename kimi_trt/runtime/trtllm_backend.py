@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from kimi_trt.errors import ConfigError, MissingCapability
+from kimi_trt.runtime.engine import check_prompts, default_stop_ids, sampling_params_list
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info
 from kimi_trt.runtime.sampling import SamplingParams
@@ -81,13 +82,9 @@ class TrtllmEngine:
         self.max_seq_len = int(build.get("max_seq_len", 2))
         self.vocab_size = int(pretrained["vocab_size"])
         self.tokenizer = tokenizer
-        eos = [int(pretrained.get("eos_token_id", 1))]
-        eos += [t for t in getattr(tokenizer, "eos_token_ids", ()) if t not in eos]
-        self.eos_token_ids = tuple(eos)
+        self.eos_token_ids = default_stop_ids([int(pretrained.get("eos_token_id", 1))], tokenizer)
 
     def validate_prompts(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        from kimi_trt.runtime.engine import check_prompts
-
         check_prompts(prompts, params, self.vocab_size, self.max_input_len, self.max_seq_len)
 
     def _request(self, prompt: list[int], p: SamplingParams):
@@ -116,7 +113,7 @@ class TrtllmEngine:
         params: SamplingParams | list[SamplingParams] | None = None,
         on_token: OnToken | None = None,
     ) -> list[GenerationResult]:
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        plist = sampling_params_list(prompts, params)
         self.validate_prompts(prompts, plist)
         ids = self._executor.enqueue_requests(
             [self._request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
