@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import openai
 import pytest
 
-from kimi_trt.runtime.tokenizer import KimiTokenizer
 from kimi_trt.runtime.triton_repo import write_triton_repo
 from kimi_trt.runtime.triton_server import TritonServer
 from tests.serving_support import (
@@ -21,7 +19,7 @@ from tests.serving_support import (
     script_tokens,
     scripted_engine,
 )
-from tests.test_serving_triton import grpc_generate
+from tests.test_serving_triton import grpc_generate, scripted_chat_inputs
 
 pytestmark = [pytest.mark.serving, pytest.mark.mpi]
 
@@ -45,13 +43,7 @@ def test_mpirun_serve_two_ranks(engine_tp2, tmp_path):
 def test_triton_leader_mode_two_ranks(engine_tp2, tmp_path):
     repo = tmp_path / "repo"
     write_triton_repo(engine_tp2, repo)
-    tokenizer = KimiTokenizer.from_dir(engine_tp2)
-    prompt = tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
-    values = {
-        "input_ids": np.asarray(prompt, dtype=np.int32),
-        "request_output_len": np.asarray([64], dtype=np.int32),
-        "temperature": np.asarray([0.0], dtype=np.float32),
-    }
+    values = scripted_chat_inputs(engine_tp2)
     server = TritonServer(repo, engine_dir=engine_tp2, world_size=2, log_file=tmp_path / "t.log")
     assert server.command[0].endswith("mpirun")
     with server:

@@ -259,19 +259,22 @@ def grpc_generate(url: str, values: dict[str, np.ndarray], cancel_after: int | N
     return responses, reason
 
 
-def test_grpc_streaming_follows_the_script(triton, engine_dir):
-    tokenizer = KimiTokenizer.from_dir(engine_dir)
-    prompt = tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
-    values = {
+def scripted_chat_inputs(engine_dir: Path) -> dict[str, np.ndarray]:
+    """The tool-calling chat prompt (what the scripted engine answers), greedy, as model inputs."""
+    prompt = KimiTokenizer.from_dir(engine_dir).apply_chat_template(MESSAGES, tools=TOOLS)
+    return {
         "input_ids": np.asarray(prompt, dtype=np.int32),
         "request_output_len": np.asarray([64], dtype=np.int32),
         "temperature": np.asarray([0.0], dtype=np.float32),
     }
-    responses, reason = grpc_generate(triton.grpc_url, values)
+
+
+def test_grpc_streaming_follows_the_script(triton, engine_dir):
+    responses, reason = grpc_generate(triton.grpc_url, scripted_chat_inputs(engine_dir))
     tokens = [int(t) for r in responses for t in r.as_numpy("output_ids")]
     assert tokens == script_tokens(engine_dir) and reason == "stop"
     text = "".join(r.as_numpy("text_output")[0].decode() for r in responses)
-    assert text == tokenizer.decode(tokens)
+    assert text == KimiTokenizer.from_dir(engine_dir).decode(tokens)
     assert len(responses) == len(tokens) + 1  # one per token, then the final one
 
 
