@@ -7,15 +7,23 @@ only after fsync + atomic rename, so a crash never leaves a file that looks comp
 
 A part may also be a `FileSlice`: bytes stored verbatim in another file (an FP8 weight kept
 as is). Those are streamed through one small reused buffer - pread, sha256, write - so
-they never become a tensor: no fresh allocation (page faults), no dtype or layout copy,
-and the buffer stays in the CPU cache between the hash and the write.
+they never become a tensor: no fresh allocation (page faults), no dtype or layout copy.
+
+With `direct=True` (the converter) the file is written with O_DIRECT from a page-aligned
+staging buffer: measured on this project's ext4 VM, buffered writes spend 2-10x the
+kernel time of the whole copy allocating page-cache pages, direct writes almost none, and
+the output is not read again by the converter. Filesystems that refuse O_DIRECT (tmpfs,
+some FUSE) get buffered writes.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -43,6 +51,95 @@ COPY_CHUNK_BYTES = 1 << 20  # verbatim copies: read and hashed at once, stays in
 # the kernel time of 64-256 KB writes (page cache folios sized to the write, costly to
 # allocate), so every write, however large the tensor, goes out in slices of this size.
 WRITE_SLICE_BYTES = 128 << 10
+STAGE_BYTES = 1 << 20  # O_DIRECT staging buffer: written whenever full (aligned offsets)
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on/off for `fd`; False where the filesystem does not support it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    return on
+
+
+class _OutputFile:
+    """Sequential writes to a new file: staged and O_DIRECT, or buffered in slices.
+
+    `write` copies into the staging buffer; `space`/`commit` let a caller read straight
+    into it instead. Any direct write the kernel refuses (EINVAL: an unaligned tail, or a
+    write cut short by a file-size limit) switches the file to buffered writes for good.
+    """
+
+    def __init__(self, path: Path, direct: bool):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0  # bytes handed to the kernel
+        self.direct = direct and _set_direct(self.fd, True)
+        self.stage = memoryview(mmap.mmap(-1, STAGE_BYTES)) if self.direct else None
+        self.fill = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def space(self) -> memoryview | None:
+        """The free part of the staging buffer (never empty), or None when not staging."""
+        return None if self.stage is None else self.stage[self.fill :]
+
+    def commit(self, n: int) -> None:
+        """`n` more bytes were placed at the start of `space()`."""
+        self.fill += n
+        if self.fill == STAGE_BYTES:
+            self._flush()
+
+    def write(self, view: memoryview) -> None:
+        if self.stage is None:
+            self._write_at(view)
+            return
+        done = 0
+        while done < len(view):
+            k = min(len(view) - done, STAGE_BYTES - self.fill)
+            self.stage[self.fill : self.fill + k] = view[done : done + k]
+            done += k
+            self.commit(k)
+
+    def _flush(self) -> None:
+        if self.direct and self.fill % DIRECT_ALIGN:
+            self.direct = _set_direct(self.fd, False)
+        self._write_at(self.stage[: self.fill])
+        self.fill = 0
+
+    def _write_at(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            step = len(view) if self.direct else WRITE_SLICE_BYTES
+            try:
+                n = os.pwrite(self.fd, view[done : done + step], self.pos)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                self.direct = _set_direct(self.fd, False)
+                continue
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
+            self.pos += n
+
+    def finish(self) -> None:
+        """Write what is staged, fsync, close."""
+        if self.fill:
+            self._flush()
+        os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -80,7 +177,11 @@ class StreamingSafetensorsWriter:
     """
 
     def __init__(
-        self, path: str | Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
+        self,
+        path: str | Path,
+        specs: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        direct: bool = False,
     ):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
@@ -103,17 +204,14 @@ class StreamingSafetensorsWriter:
         blob += b" " * ((-len(blob)) % 8)
         self._sources: dict[Path, int] = {}  # fds of FileSlice sources, closed with the file
         self._buf: memoryview | None = None
-        self._fh = open(self.tmp, "wb", buffering=0)
+        self._out = _OutputFile(self.tmp, direct)
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.sha256: str | None = None
 
     def _emit(self, data) -> None:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), WRITE_SLICE_BYTES):
-            piece = view[start : start + WRITE_SLICE_BYTES]
-            while piece:
-                piece = piece[self._fh.write(piece) :]
-        self._sha.update(data)
+        self._sha.update(view)
+        self._out.write(view)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.specs):
@@ -157,22 +255,32 @@ class StreamingSafetensorsWriter:
         self._next += 1
 
     def _copy_slice(self, part: FileSlice) -> None:
-        """Stream a verbatim byte range through the reused buffer (short reads retried)."""
-        if self._buf is None:
-            self._buf = memoryview(bytearray(COPY_CHUNK_BYTES))
+        """Stream a verbatim byte range: read into the staging buffer (or the reused copy
+        buffer), hash it there, write it (short reads retried)."""
         fd = self._sources.get(part.path)
         if fd is None:
             fd = self._sources[part.path] = os.open(part.path, os.O_RDONLY)
         done = 0
         while done < part.nbytes:
-            want = min(len(self._buf), part.nbytes - done)
-            n = os.preadv(fd, [self._buf[:want]], part.offset + done)
+            space = self._out.space()
+            buf = self._copy_buffer() if space is None else space
+            view = buf[: min(len(buf), part.nbytes - done)]
+            n = os.preadv(fd, [view], part.offset + done)
             if n == 0:
                 raise CheckpointError(
                     f"{part.path}: unexpected end of file at byte {part.offset + done}"
                 )
-            self._emit(self._buf[:n])
+            self._sha.update(view[:n])
+            if space is None:
+                self._out.write(view[:n])
+            else:
+                self._out.commit(n)
             done += n
+
+    def _copy_buffer(self) -> memoryview:
+        if self._buf is None:
+            self._buf = memoryview(bytearray(COPY_CHUNK_BYTES))
+        return self._buf
 
     def _close_sources(self) -> None:
         for fd in self._sources.values():
@@ -186,16 +294,14 @@ class StreamingSafetensorsWriter:
                 f"{self.path}: {len(missing)} tensors never written, first {missing[0]}"
             )
         self._close_sources()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        self._out.finish()
         os.replace(self.tmp, self.path)
         self.sha256 = self._sha.hexdigest()
         return self.sha256
 
     def abort(self) -> None:
         self._close_sources()
-        if not self._fh.closed:
-            self._fh.close()
+        self._out.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamingSafetensorsWriter:
@@ -204,7 +310,7 @@ class StreamingSafetensorsWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-        elif not self._fh.closed:
+        elif not self._out.closed:
             self.close()
 
 

@@ -55,7 +55,7 @@ def write_rank(
     current = specs[0].name
     try:
         writer = StreamingSafetensorsWriter(
-            path, [TensorSpec(t.name, t.dtype, t.shape) for t in specs], metadata
+            path, [TensorSpec(t.name, t.dtype, t.shape) for t in specs], metadata, direct=True
         )
         with writer:
             for rule, layer in rule_instances(model):
