@@ -24,7 +24,6 @@ from kimi_trt.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 SUPPORTED_ARCHITECTURE = "DeepseekV3ForCausalLM"
-FP8_E4M3_MAX = 448.0
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from kimi_trt.mapping import Mapping
 
 FORMAT_VERSION = 1
 BLOCK_FORMATS = ("fp8_block", "fp8_ue8m0")
-LOSSLESS_FROM_FP8 = ("fp8_block", "fp32")
 
 
 @dataclass(frozen=True)

@@ -214,9 +214,6 @@ class KimiTokenizer:
         """id -> marker text for the five tool-call markers (the parser's token mode)."""
         return {self.special_ids[m]: m for m in TOOL_MARKERS}
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id >= self.base_vocab_size
-
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
         """Token ids of `text`. allow_special=False encodes special-token text as plain text."""
         ids: list[int] = []

@@ -23,14 +23,10 @@ from kimi_trt.runtime.tool_parser import (
     ContentDelta,
     ParsedOutput,
     StreamingToolCallParser,
-    ToolCallArgumentsDelta,
-    ToolCallEnd,
     ToolCallEvent,
     ToolCallStart,
     collect,
 )
-
-TOOL_EVENTS = (ToolCallStart, ToolCallArgumentsDelta, ToolCallEnd)
 
 
 @dataclass(frozen=True)
