@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kimi_trt.convert.hf_layout import hf_tensors  # noqa: E402
-from kimi_trt.convert.safetensors_io import COPY_CHUNK_BYTES, WRITE_SLICE_BYTES  # noqa: E402
+from kimi_trt.convert.safetensors_io import OutputFile  # noqa: E402
 from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "convert.json"
@@ -80,19 +80,18 @@ def timed_copy(src: Path, dst: Path) -> float:
 
 def timed_stream_copy(src: Path, dst: Path) -> float:
     """The floor for any user-space converter: read, sha256 and write every byte, fsync
-    (one thread, with the converter's read chunk and write slice sizes)."""
+    (one thread, through the converter's output path: O_DIRECT staging buffer)."""
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
-    buf = memoryview(bytearray(COPY_CHUNK_BYTES))
     t = time.perf_counter()
     for p in sorted(src.glob("*.safetensors")):
         sha = hashlib.sha256()
-        with open(p, "rb", buffering=0) as fin, open(dst / p.name, "wb", buffering=0) as fout:
-            while n := fin.readinto(buf):
-                sha.update(buf[:n])
-                for a in range(0, n, WRITE_SLICE_BYTES):
-                    fout.write(buf[a : min(n, a + WRITE_SLICE_BYTES)])
-            os.fsync(fout.fileno())
+        out = OutputFile(dst / p.name, direct=True)
+        with open(p, "rb", buffering=0) as fin:
+            while n := fin.readinto(space := out.space()):
+                sha.update(space[:n])
+                out.commit(n)
+        out.finish()
     return time.perf_counter() - t
 
 

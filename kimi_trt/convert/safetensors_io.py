@@ -67,7 +67,7 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-class _OutputFile:
+class OutputFile:
     """Sequential writes to a new file: staged and O_DIRECT, or buffered in slices.
 
     `write` copies into the staging buffer; `space`/`commit` let a caller read straight
@@ -204,7 +204,7 @@ class StreamingSafetensorsWriter:
         blob += b" " * ((-len(blob)) % 8)
         self._sources: dict[Path, int] = {}  # fds of FileSlice sources, closed with the file
         self._buf: memoryview | None = None
-        self._out = _OutputFile(self.tmp, direct)
+        self._out = OutputFile(self.tmp, direct)
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.sha256: str | None = None
 
