@@ -255,9 +255,7 @@ def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]
     metrics = ServerMetrics(backend.load)
     if hasattr(backend, "observer"):
         backend.observer = metrics.backend_done
-    state = ServerState(
-        backend, backend.tokenizer, model_name, metrics, max_seq_len, options["default_max_tokens"]
-    )
+    state = ServerState(backend, model_name, metrics, max_seq_len, options["default_max_tokens"])
 
     async def startup():
         if hasattr(backend, "start"):

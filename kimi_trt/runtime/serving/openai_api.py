@@ -44,11 +44,14 @@ class ServerState:
     """What every endpoint needs: the backend, the tokenizer, limits and metrics."""
 
     backend: Any
-    tokenizer: Any
     model_name: str
     metrics: Any
     max_seq_len: int
     default_max_tokens: int = 1024
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.backend.tokenizer
 
 
 def check_model(state: ServerState, model: str) -> None:
