@@ -141,8 +141,19 @@ def _usage(finish: Finish) -> dict[str, int]:
     }
 
 
-def _ids(kind: str) -> tuple[str, int]:
-    return f"{kind}-{uuid.uuid4().hex}", int(time.time())
+def _envelope(state: ServerState, kind: str, obj: str) -> dict[str, Any]:
+    """id, object, created, model: the head of a response, or of every chunk of one stream."""
+    return {
+        "id": f"{kind}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": state.model_name,
+    }
+
+
+def _choice(finish_reason: str | None, **fields: Any) -> dict[str, Any]:
+    """The single choice (n = 1): `message`, `delta` or `text`, then its finish_reason."""
+    return {"index": 0, **fields, "finish_reason": finish_reason, "logprobs": None}
 
 
 async def chat_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
@@ -150,15 +161,9 @@ async def chat_response(state: ServerState, gen: GenerationRequest) -> dict[str,
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
     if parsed.tool_calls:
         message["tool_calls"] = parsed.tool_calls
-    rid, created = _ids("chatcmpl")
     return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": state.model_name,
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": None}
-        ],
+        **_envelope(state, "chatcmpl", "chat.completion"),
+        "choices": [_choice(finish.reason, message=message)],
         "usage": _usage(finish),
     }
 
@@ -183,21 +188,10 @@ def _tool_delta(event) -> dict[str, Any] | None:
 async def chat_stream(
     state: ServerState, gen: GenerationRequest, include_usage: bool
 ) -> AsyncIterator[str]:
-    rid, created = _ids("chatcmpl")
-
-    def chunk_with(choices: list[dict[str, Any]], **extra) -> str:
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-            **extra,
-        }
-        return sse(body)
+    base = _envelope(state, "chatcmpl", "chat.completion.chunk")
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return chunk_with([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+        return sse({**base, "choices": [_choice(finish, delta=delta)]})
 
     yield chunk({"role": "assistant", "content": ""})
     async for event in generate_events(state.backend, gen, state.metrics):
@@ -206,7 +200,7 @@ async def chat_stream(
         elif isinstance(event, Finish):
             yield chunk({}, event.reason)
             if include_usage:
-                yield chunk_with([], usage=_usage(event))
+                yield sse({**base, "choices": [], "usage": _usage(event)})
         elif (delta := _tool_delta(event)) is not None:
             yield chunk({"tool_calls": [delta]})
     yield sse("[DONE]")
@@ -215,15 +209,9 @@ async def chat_stream(
 async def completion_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
     # Completions do not parse tools: the output is content only.
     parsed, finish = await generate_output(state.backend, gen, state.metrics)
-    rid, created = _ids("cmpl")
     return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": state.model_name,
-        "choices": [
-            {"index": 0, "text": parsed.content, "finish_reason": finish.reason, "logprobs": None}
-        ],
+        **_envelope(state, "cmpl", "text_completion"),
+        "choices": [_choice(finish.reason, text=parsed.content)],
         "usage": _usage(finish),
     }
 
@@ -231,15 +219,12 @@ async def completion_response(state: ServerState, gen: GenerationRequest) -> dic
 async def completion_stream(
     state: ServerState, gen: GenerationRequest, include_usage: bool
 ) -> AsyncIterator[str]:
-    rid, created = _ids("cmpl")
-    base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+    base = _envelope(state, "cmpl", "text_completion")
     async for event in generate_events(state.backend, gen, state.metrics):
         if isinstance(event, ContentDelta):
-            choice = {"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}
-            yield sse({**base, "choices": [choice]})
+            yield sse({**base, "choices": [_choice(None, text=event.text)]})
         elif isinstance(event, Finish):
-            choice = {"index": 0, "text": "", "finish_reason": event.reason, "logprobs": None}
-            yield sse({**base, "choices": [choice]})
+            yield sse({**base, "choices": [_choice(event.reason, text="")]})
             if include_usage:
                 yield sse({**base, "choices": [], "usage": _usage(event)})
     yield sse("[DONE]")
