@@ -48,6 +48,7 @@ import torch
 MAX_EXPERTS = 512
 MAX_TOP_K = 16
 NORM_EPS = 1e-20
+LOGITS_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,17 @@ def check_router_params(
         raise ValueError("router: routed_scaling_factor is NaN")
 
 
+def check_logits_dtype(dtype: torch.dtype) -> None:
+    """The router reads float32 or bfloat16 logits (every implementation, JIT and AOT)."""
+    if dtype not in LOGITS_DTYPES:
+        raise ValueError(f"router: logits dtype {dtype}, expected float32 or bfloat16")
+
+
 def check_router_inputs(logits: torch.Tensor, bias: torch.Tensor, **params) -> tuple[int, int]:
     """Validate shapes/dtypes/attributes; return (num_tokens, num_experts)."""
     if logits.dim() != 2:
         raise ValueError(f"router: logits must be [T, E], got shape {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"router: logits dtype {logits.dtype}, expected float32 or bfloat16")
+    check_logits_dtype(logits.dtype)
     num_tokens, num_experts = logits.shape
     if bias.shape != (num_experts,) or bias.dtype != torch.float32:
         raise ValueError(

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kimi_trt.plugins.routing import RouterParams, check_router_inputs
+from kimi_trt.plugins.routing import RouterParams, check_logits_dtype, check_router_inputs
 
 # Scores are clamped to >= -FLT_MAX (NaN too), so -inf is free to mark "not a candidate".
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
@@ -244,8 +244,7 @@ def compile_ptx(
     params.check(num_experts)
     if is_interpreted():
         raise RuntimeError("router: compile_ptx needs the compiled kernel; unset TRITON_INTERPRET")
-    if logits_dtype not in _TRITON_DTYPES:
-        raise ValueError(f"router: logits dtype {logits_dtype}, expected float32 or bfloat16")
+    check_logits_dtype(logits_dtype)
     consts = kernel_constexprs(num_experts, params, launch.block_t, accurate=True)
     signature = {
         "logits_ptr": f"*{_TRITON_DTYPES[logits_dtype]}",

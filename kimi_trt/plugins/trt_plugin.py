@@ -40,7 +40,7 @@ raise MissingCapability (exit code 3) with the reason when it is absent.
 import torch
 
 from kimi_trt.errors import MissingCapability
-from kimi_trt.plugins.routing import RouterParams, check_router_params
+from kimi_trt.plugins.routing import RouterParams
 from kimi_trt.plugins.routing_triton import DEFAULT_LAUNCH, LaunchConfig
 
 PLUGIN_NAMESPACE = "kimi_trt"
@@ -186,7 +186,7 @@ def add_noaux_tc_router_layer(network, logits, bias, params: RouterParams, *, ao
         raise ValueError(f"{PLUGIN_ID}: logits must be [T, E] with a constant E, got {shape}")
     if tuple(bias.shape) != (shape[1],):
         raise ValueError(f"{PLUGIN_ID}: bias must be [{shape[1]}], got {tuple(bias.shape)}")
-    check_router_params(shape[1], **params.kwargs())
+    params.check(shape[1])
     op = getattr(getattr(trtp.op, PLUGIN_NAMESPACE), PLUGIN_NAME)
     layer = network.add_plugin(
         op(
