@@ -288,7 +288,7 @@ def drop_unused_trailing_params(ptx: str, name: str, keep: int) -> str:
     match = _ENTRY.search(ptx)
     if match is None or match.group("name") != name:
         raise RuntimeError(f"router: no .entry {name} in the compiled PTX")
-    params = [p.strip() for p in match.group("params").split(",") if p.strip()]
+    params = _declared_params(match)
     if len(params) < keep:
         raise RuntimeError(f"router: PTX entry {name} has {len(params)} params, expected {keep}")
     body = ptx[match.end() :]
@@ -305,4 +305,8 @@ def ptx_entry_params(ptx: str) -> list[str]:
     match = _ENTRY.search(ptx)
     if match is None:
         raise RuntimeError("router: no .entry in PTX")
-    return [p.strip() for p in match.group("params").split(",") if p.strip()]
+    return _declared_params(match)
+
+
+def _declared_params(entry: re.Match) -> list[str]:
+    return [p.strip() for p in entry.group("params").split(",") if p.strip()]
