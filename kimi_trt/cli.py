@@ -79,17 +79,9 @@ def main() -> None:
 @click.option("--quiet", is_flag=True)
 def synth(preset, layers, experts, vocab, overrides, no_fp8, seed, out, quiet) -> None:
     """Write a synthetic HF checkpoint laid out exactly like Kimi-K2's (random weights)."""
-    from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint
+    from kimi_trt.convert.synth import parse_overrides, preset_config, write_synthetic_checkpoint
 
-    extra: dict = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
+    extra = parse_overrides(overrides)
     cfg = preset_config(
         preset, layers=layers, experts=experts, vocab=vocab, fp8=not no_fp8, overrides=extra
     )

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from kimi_trt.config import ModelConfig, model_config_from_dict
 from kimi_trt.convert.fp8 import FP8_DTYPE, FP8_MAX
 from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
-from kimi_trt.errors import ConfigError
+from kimi_trt.errors import ConfigError, UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_CONFIG = ASSETS / "kimi-k2-instruct.config.json"
@@ -95,6 +96,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "k2-shapes": {"num_hidden_layers": 3, "n_routed_experts": 32},
 }
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items -> config.json fields (VALUE as JSON, else as a string)."""
+    fields: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    return fields
 
 
 def preset_config(
