@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -70,12 +71,18 @@ def warm(path: Path) -> None:
                 pass
 
 
-def timed_copy(src: Path, dst: Path) -> float:
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_copy(src: Path, dst: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, of cp and sync) of `cp -r` + `sync`."""
     shutil.rmtree(dst, ignore_errors=True)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), children_cpu()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, children_cpu() - cpu
 
 
 def timed_stream_copy(src: Path, dst: Path) -> float:
@@ -95,23 +102,24 @@ def timed_stream_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
-def timed_convert(src: Path, out: Path, tp: int) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one `kimi-trt convert` process."""
+def timed_convert(src: Path, out: Path, tp: int) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) and CPU seconds of one `kimi-trt convert` process."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "kimi_trt.cli", "convert", "--quiet", "--checkpoint", str(src)]
     cmd += ["--out", str(out), "--tp", str(tp), "--ep", str(tp)]
     wrapper = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        "ru = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(time.perf_counter() - t, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=REPO
     )
     if proc.returncode:
         raise SystemExit(proc.stderr)
-    seconds, maxrss_kb = proc.stdout.split()
-    return float(seconds), int(maxrss_kb) * 1024
+    seconds, maxrss_kb, cpu = proc.stdout.split()
+    return float(seconds), int(maxrss_kb) * 1024, float(cpu)
 
 
 def measure_round(one: Path, two: Path, work: Path, tp: int) -> dict[str, float]:
@@ -119,20 +127,20 @@ def measure_round(one: Path, two: Path, work: Path, tp: int) -> dict[str, float]
     of 2x; every output removed again."""
     r: dict[str, float] = {}
     warm(one)
-    r["copy_s"] = timed_copy(one, work / "copy")
+    r["copy_s"], r["copy_cpu_s"] = timed_copy(one, work / "copy")
     shutil.rmtree(work / "copy")
     warm(one)
     r["stream_s"] = timed_stream_copy(one, work / "copy")
     shutil.rmtree(work / "copy")
     warm(one)
-    r["convert_s"], r["rss1"] = timed_convert(one, work / "out-1x", tp)
+    r["convert_s"], r["rss1"], r["convert_cpu_s"] = timed_convert(one, work / "out-1x", tp)
     r["out_bytes"] = size_of(work / "out-1x")
     shutil.rmtree(work / "out-1x")
     warm(two)
-    r["copy2_s"] = timed_copy(two, work / "copy")
+    r["copy2_s"], _ = timed_copy(two, work / "copy")
     shutil.rmtree(work / "copy")
     warm(two)
-    r["convert2_s"], r["rss2"] = timed_convert(two, work / "out-2x", tp)
+    r["convert2_s"], r["rss2"], _ = timed_convert(two, work / "out-2x", tp)
     shutil.rmtree(work / "out-2x")
     r["convert_over_copy"] = r["convert_s"] / r["copy_s"]
     r["convert_over_copy_2x"] = r["convert2_s"] / r["copy2_s"]
@@ -197,6 +205,9 @@ def main() -> None:
         "copy_seconds": copy_s,
         "convert_seconds": conv_s,
         "convert_over_copy": ratio,
+        "copy_cpu_seconds": med("copy_cpu_s"),
+        "convert_cpu_seconds": med("convert_cpu_s"),
+        "cpu_note": "user+system of the processes; kernel writeback threads not counted",
         "stream_copy_seconds": stream_s,
         "convert_over_stream_copy": conv_s / stream_s,
         "output_bytes_1x": out_bytes,
