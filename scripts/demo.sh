@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# The main job on the built-in tiny model: set up, then run every stage that exists.
+# The main job on the built-in tiny model (kimi_trt/assets/tiny-kimi, a Kimi-K2-architecture
+# model trained to call tools; docs/tiny-model.md): set up, build its engine dir on this CPU
+# (plan -> convert -> compile -> package, torch backend, 2 ranks with experts by EP2), then
+# chat with it under mpirun: the Kimi tool call is parsed, the tool runs, the model answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-out=out/demo  # the paths build_configs/tiny_cpu_ep2.yaml names (relative to that file)
-mkdir -p "$out"
-kimi-trt synth --preset tiny --seed 0 --out "$out/hf-tiny" --quiet
-kimi-trt inspect "$out/hf-tiny"
-# plan -> convert -> compile -> package (torch backend: CPU, 2 ranks, EP2); a rerun skips
-# every stage whose outputs still verify.
+kimi-trt inspect kimi_trt/assets/tiny-kimi
+# A rerun skips every stage whose outputs still verify (sha256 + config hash).
 kimi-trt build --config build_configs/tiny_cpu_ep2.yaml
-kimi-trt inspect "$out/engine-tiny-ep2"
-# One process per rank; root may run Open MPI only with these two variables.
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpirun -np 2 --oversubscribe kimi-trt run --engine-dir "$out/engine-tiny-ep2" \
-    --prompt "The weather in Paris" --max-new-tokens 16
+kimi-trt inspect out/demo/engine-tiny-ep2
+# One process per rank; as root Open MPI needs these two variables. PASSIVE keeps idle
+# OpenMP threads from spinning when ranks share few cores.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_WAIT_POLICY=PASSIVE
+mpirun -np 2 --oversubscribe python scripts/demo_chat.py --engine-dir out/demo/engine-tiny-ep2

@@ -49,11 +49,14 @@ def run_rank(main: Callable[[], int], rank: int, world_size: int) -> int:
     """Run this rank's `main`; on failure report per the rules above and exit the process.
 
     In a world of one every exception is re-raised: the CLI reports it as for any command.
+    A multi-rank process leaves with `os._exit` on success too (after flushing): interpreter
+    teardown of the collective library's threads can abort ("terminate called without an
+    active exception") after the work is done, turning a good run into a failed job.
     """
     if world_size == 1:
         return main()
     try:
-        return main()
+        _exit_now(main())
     except PeerFailure as e:
         if rank == 0:
             time.sleep(_PEER_MESSAGE_DELAY_S)
