@@ -429,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pr.add_argument(
         "--vocab-sample", type=int, default=4000, help="conversations the BPE is trained on"
     )
-    pr.add_argument("--layers", type=int, default=4)
+    pr.add_argument("--layers", type=int, default=3)
     pr.add_argument("--experts", type=int, default=8)
     pr.add_argument("--seed", type=int, default=0)
     tr = sub.add_parser("train", help="train for a wall-clock budget (torch + transformers only)")
