@@ -75,7 +75,7 @@ def test_build_cli_end_to_end(built_ep2):
     cfg = read_rank_config(eng)
     assert (cfg.mapping.tp_size, cfg.mapping.moe_ep_size, cfg.world_size) == (2, 2, 2)
     limits = json.loads((eng / "config.json").read_text())["build_config"]
-    assert (limits["max_batch_size"], limits["max_seq_len"]) == (4, 512)  # as the YAML says
+    assert (limits["max_batch_size"], limits["max_seq_len"]) == (8, 2048)  # as the YAML says
     manifest = json.loads((eng / "manifest.json").read_text())
     assert manifest["kind"] == "kimi_trt.engine_dir" and manifest["backend"] == "torch"
     assert set(manifest["tokenizer_files"]) == {"tiktoken.model", "tokenizer_config.json"}

@@ -199,6 +199,18 @@ def test_detect_rank_info_from_launchers():
         detect_rank_info({"PMI_RANK": "2", "PMI_SIZE": "2"})
 
 
+def test_default_master_port_differs_per_job_and_agrees_within_one():
+    from kimi_trt.runtime.launch import DEFAULT_MASTER_PORT, default_master_port
+
+    assert default_master_port({}) == DEFAULT_MASTER_PORT
+    job_a = {"PMIX_NAMESPACE": "prterun-host-1201@1", "OMPI_COMM_WORLD_RANK": "0"}
+    job_a_rank1 = {"PMIX_NAMESPACE": "prterun-host-1201@1", "OMPI_COMM_WORLD_RANK": "1"}
+    job_b = {"PMIX_NAMESPACE": "prterun-host-1377@1"}
+    assert default_master_port(job_a) == default_master_port(job_a_rank1)
+    assert default_master_port(job_a) != default_master_port(job_b)
+    assert 29500 <= default_master_port({"SLURM_JOB_ID": "42"}) < 49500
+
+
 def test_cli_run_json_and_text(tiny_ckpt, root, tiny_engine, tmp_path):
     engine_dir = converted(tiny_ckpt, root, "w1")
     inputs = tmp_path / "in.jsonl"

@@ -14,6 +14,7 @@ with a long timeout for the broadcast on which idle workers wait for the next re
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping as EnvMapping
 from dataclasses import dataclass
@@ -110,6 +111,22 @@ def check_world_size(info: RankInfo, expected: int, engine_dir: str) -> None:
         )
 
 
+# Variables every rank of one launched job shares and two concurrent jobs do not.
+_JOB_ID_VARS = ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PMI_KVSNAME", "SLURM_JOB_ID")
+
+
+def default_master_port(env: EnvMapping[str, str] | None = None) -> int:
+    """The rendezvous port when MASTER_PORT is unset: derived from the launcher's job id, so
+    two jobs on one host (a demo beside a test run) do not collide on a fixed port; every
+    rank of a job derives the same one. Without a job id: DEFAULT_MASTER_PORT."""
+    env = os.environ if env is None else env
+    job = "|".join(env.get(v, "") for v in _JOB_ID_VARS) + env.get("SLURM_STEP_ID", "")
+    if not job.strip("|"):
+        return DEFAULT_MASTER_PORT
+    digest = hashlib.sha256(job.encode()).digest()
+    return 29500 + int.from_bytes(digest[:4], "little") % 20000
+
+
 @dataclass
 class ProcessGroups:
     """The default group (short timeout) and the control group (long timeout)."""
@@ -120,13 +137,13 @@ class ProcessGroups:
 
 
 def init_process_groups(info: RankInfo, device: torch.device) -> ProcessGroups:
-    """env:// rendezvous on MASTER_ADDR:MASTER_PORT (defaults: 127.0.0.1:29517)."""
+    """env:// rendezvous on MASTER_ADDR:MASTER_PORT (defaults: 127.0.0.1, `default_master_port`)."""
     import torch.distributed as dist
 
     if info.world_size == 1:
         return ProcessGroups(None, None, "none")
     os.environ.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
-    os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    os.environ.setdefault("MASTER_PORT", str(default_master_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
