@@ -244,6 +244,9 @@ def test_anthropic_temperature_is_scaled(server):
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
         ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+        ({"model": MODEL, "messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"model": MODEL, "messages": MESSAGES, "frequency_penalty": 1}, 400, "frequency_penalty"),
+        ({"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400, "logprobs"),
     ],
 )
 def test_openai_errors(server, body, status, param):
@@ -268,6 +271,12 @@ def test_invalid_json_and_too_long_prompt(server, engine_dir):
         )
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_completions_echo_is_refused(server):
+    body = {"model": MODEL, "prompt": "hello", "echo": True}
+    r = httpx.post(server + "/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_anthropic_error_format(server):
