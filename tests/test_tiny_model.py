@@ -3,6 +3,8 @@ eval's judging, and (when committed) the trained asset itself."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -35,6 +37,7 @@ from kimi_trt.testing.tool_corpus import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = [sys.executable, str(REPO / "scripts" / "train_tiny_model.py")]
 SMALL_VOCAB = REPO / "kimi_trt" / "assets" / "small-vocab"
 
 
@@ -109,20 +112,67 @@ def test_tiny_config_splits_for_tp2_ep2_layouts():
         assert layout_problems(cfg, m) == []
 
 
-@pytest.mark.slow
-def test_prepare_train_export_round_trip(tmp_path):
-    """The real scripts end to end on CPU (a few steps of a 2-layer model): the exported
-    Kimi-K2-format checkpoint loads in the reference loader and matches the float model."""
-    data, weights, ckpt = tmp_path / "data", tmp_path / "w", tmp_path / "ckpt"
-    script = [sys.executable, str(REPO / "scripts" / "train_tiny_model.py")]
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory) -> Path:
+    """The real `prepare` step on a small corpus (2-layer model, 4 experts)."""
+    data = tmp_path_factory.mktemp("tiny") / "data"
     prep = ["prepare", "--out", str(data), "--conversations", "300", "--vocab-size", "512",
             "--vocab-sample", "150", "--layers", "2", "--experts", "4"]  # fmt: skip
-    subprocess.run(script + prep, check=True, capture_output=True)
+    subprocess.run(TRAIN_SCRIPT + prep, check=True, capture_output=True)
+    return data
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_tiny_model", TRAIN_SCRIPT[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shared_prefix_training_equals_full_sequences(prepared_data):
+    """Running the common tool-declaration prefix once per batch must give the loss and the
+    gradients of running every conversation whole (it is only a speed-up)."""
+    train = _train_module()
+    corpus = train.Corpus(prepared_data / "corpus.npz")
+    assert max(len(p) for p in corpus.prefixes) > 100  # the tool declaration is shared
+    hf_config = json.loads((prepared_data / "hf_config.json").read_text())
+    torch.manual_seed(0)
+    model = train.build_model(hf_config, torch.device("cpu"), "sdpa", None).train()
+    batches = corpus.epoch_batches(np.random.default_rng(0), 2048)
+    for idx in batches[:4]:
+        assert len(set(corpus.group[idx].tolist())) == 1
+        prefix, inputs, labels, _ = corpus.collate(idx)
+        results = []
+        for shared in (True, False):
+            if not shared:  # the same rows, prefix included, no sharing
+                inputs = torch.cat([prefix[None].expand(len(idx), -1), inputs], 1)
+                labels = torch.cat([torch.full((len(idx), len(prefix)), -100), labels], 1)
+                prefix = prefix[:0]
+                whole = [corpus.tokens[corpus.offsets[i] : corpus.offsets[i + 1] - 1] for i in idx]
+                assert all(inputs[r, : len(w)].tolist() == w.tolist() for r, w in enumerate(whole))
+            model.zero_grad()
+            loss = train.assistant_loss(model, prefix, inputs, labels, contextlib.nullcontext)
+            loss.backward()
+            grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            results.append((loss.item(), grads))
+        (loss_shared, g_shared), (loss_full, g_full) = results
+        assert loss_shared == pytest.approx(loss_full, rel=1e-5)
+        assert g_shared.keys() == g_full.keys()
+        for k in g_full:
+            scale = g_full[k].abs().max().clamp(min=1e-12)
+            assert ((g_shared[k] - g_full[k]).abs().max() / scale) < 1e-4, k
+
+
+@pytest.mark.slow
+def test_prepare_train_export_round_trip(prepared_data, tmp_path):
+    """The real scripts end to end on CPU (a few steps of a 2-layer model): the exported
+    Kimi-K2-format checkpoint loads in the reference loader and matches the float model."""
+    data, weights, ckpt = prepared_data, tmp_path / "w", tmp_path / "ckpt"
     stats = json.loads((data / "prepare.json").read_text())
     assert stats["conversations"] == 300 and stats["vocab_size"] == 768
     train = ["train", "--data", str(data), "--out", str(weights), "--minutes", "0.5",
              "--reserve-s", "12", "--batch-tokens", "2048", "--eval-cases", "8", "--warmup", "2"]  # fmt: skip
-    subprocess.run(script + train, check=True, capture_output=True, timeout=120)
+    subprocess.run(TRAIN_SCRIPT + train, check=True, capture_output=True, timeout=120)
     log = json.loads((weights / "train_log.json").read_text())
     assert log["steps"] >= 2 and log["stopped_by"] == "time budget"
     assert set(log["evals"][-1]["exact_call"]) == {"catalogue_unseen_phrasing", "heldout_values"}

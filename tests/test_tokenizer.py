@@ -243,6 +243,23 @@ def test_trainer_is_deterministic_and_builds_by_merges():
         train_bpe("ab ab", 300)
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_name_marks_make_names_copyable(tmp_path, detach):
+    """With detach_name_marks a capitalised name is the same ids after a space, after a
+    quote and at the start; without it the trainer learns ' Paris' and '"Paris' as merges."""
+    cities = ["Paris", "Oslo", "Lima", "Quito", "Dakar"]
+    text = "".join(
+        f'Weather in {c}? {{"city": "{c}"}} It is sunny in {c}. ' * 40 for c in cities
+    ) + builtin_corpus(seed=1, sentences=300)
+    write_vocab_dir(train_bpe(text, 600, detach_name_marks=detach), tmp_path)
+    tok = KimiTokenizer.from_dir(tmp_path)
+    for city in cities:
+        bare = tok.encode(city)
+        after_space, after_quote = tok.encode(" " + city), tok.encode('"' + city)
+        assert (after_space[1:] == bare and after_quote[1:] == bare) is detach, city
+        assert tok.decode(after_quote) == '"' + city
+
+
 def test_make_small_vocab_reproduces_the_shipped_assets(tmp_path):
     script = REPO / "scripts" / "make_small_vocab.py"
     run = subprocess.run(

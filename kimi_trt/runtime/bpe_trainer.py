@@ -35,10 +35,23 @@ CHAT_TEMPLATE_PATH = (
 Pair = tuple[int, int]
 
 
-def pretokenize(text: str) -> Counter[bytes]:
-    """Count the pre-tokens of `text` (UTF-8 bytes) under Kimi's split pattern."""
+_MARKED_NAME = regex.compile(r"^([^\p{L}\p{N}])(\p{Lu}.*)$", regex.V1 | regex.S)
+
+
+def pretokenize(text: str, detach_name_marks: bool = False) -> Counter[bytes]:
+    """Count the pre-tokens of `text` (UTF-8 bytes) under Kimi's split pattern.
+
+    With `detach_name_marks`, a capitalised word's leading mark (" Paris", '"Paris') is
+    counted apart from the word, so no merge ever joins them: the word then encodes to the
+    same tokens after a space as inside a JSON string, and copying a name from prose into
+    tool-call arguments is copying token ids (what a tiny model can learn)."""
     pattern = regex.compile(KIMI_PAT_STR, regex.V1)
-    return Counter(piece.encode("utf-8") for piece in pattern.findall(text))
+    counts: Counter[bytes] = Counter()
+    for piece in pattern.findall(text):
+        marked = _MARKED_NAME.match(piece) if detach_name_marks else None
+        for part in marked.groups() if marked else (piece,):
+            counts[part.encode("utf-8")] += 1
+    return counts
 
 
 class _PairStats:
@@ -105,14 +118,15 @@ def _merge_word(word: list[int], pair: Pair, new_id: int) -> list[int]:
     return out if found else word
 
 
-def train_bpe(text: str, size: int) -> list[bytes]:
+def train_bpe(text: str, size: int, detach_name_marks: bool = False) -> list[bytes]:
     """Train a byte-level BPE on `text`; return the tokens in rank order (len == size).
+    `detach_name_marks`: see `pretokenize`.
 
     Raises ValueError when `size` < 257 or the corpus cannot provide enough distinct merges.
     """
     if size <= 256:
         raise ValueError(f"vocabulary size must be > 256 (the single bytes), got {size}")
-    words_counter = pretokenize(text)
+    words_counter = pretokenize(text, detach_name_marks)
     ordered = sorted(words_counter.items())
     stats = _PairStats([list(word) for word, _ in ordered], [count for _, count in ordered])
     vocab = [bytes([i]) for i in range(256)]

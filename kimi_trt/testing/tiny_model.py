@@ -177,7 +177,7 @@ def _train_vocab(conversations: list[Conversation], size: int, out: Path) -> Kim
     text = "".join(
         render_chat(c.messages, tools=c.tools, add_generation_prompt=False) for c in conversations
     )
-    write_vocab_dir(train_bpe(text, size), out)
+    write_vocab_dir(train_bpe(text, size, detach_name_marks=True), out)
     return KimiTokenizer.from_dir(out)
 
 
