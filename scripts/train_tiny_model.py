@@ -103,27 +103,41 @@ class Corpus:
         rng.shuffle(batches)
         return batches
 
-    def collate(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def collate(self, idx: np.ndarray, copy_weight: float = 1.0) -> tuple[torch.Tensor, ...]:
         """(shared prefix [P], inputs [B,T] after it, labels [B,T] with -100 off the
-        assistant turns, real lengths [B]) for conversations of one group."""
+        assistant turns, real lengths [B], loss weights [B,T]) for one group's rows.
+
+        Targets that copy a token from earlier in the same dialogue (a name, a number: a
+        token of the user turn or tool result that the shared prefix does not contain)
+        weigh `copy_weight`; every other target weighs 1. Copying is the skill that is
+        slow to appear, and these are ~1 target in 8."""
         prefix = self.prefixes[int(self.group[idx[0]])]
         p = len(prefix)
         lengths = self.lengths[idx] - p
         width = int(lengths.max()) - 1
         inputs = np.zeros((len(idx), width), dtype=np.int64)
         labels = np.full((len(idx), width), -100, dtype=np.int64)
+        weights = np.ones((len(idx), width), dtype=np.float32)
+        in_prefix = np.zeros(2**16, dtype=bool)
+        in_prefix[prefix] = True
         for row, i in enumerate(idx):
             a, b = self.offsets[i] + p, self.offsets[i + 1]
             n = b - a - 1
-            inputs[row, :n] = self.tokens[a : b - 1]
-            labels[row, :n] = np.where(
-                self.mask[a + 1 : b], self.tokens[a + 1 : b].astype(np.int64), -100
-            )
+            seq, target = self.tokens[a:b].astype(np.int64), self.mask[a + 1 : b]
+            inputs[row, :n] = seq[:-1]
+            labels[row, :n] = np.where(target, seq[1:], -100)
+            if copy_weight != 1.0:  # where each token first appears outside assistant turns
+                first_seen = np.full(2**16, len(seq), dtype=np.int64)
+                shown = np.nonzero(~self.mask[a:b])[0]
+                np.minimum.at(first_seen, seq[shown], shown)
+                copies = target & (first_seen[seq[1:]] < np.arange(1, n + 1))
+                weights[row, :n] = np.where(copies & ~in_prefix[seq[1:]], copy_weight, 1.0)
         return (
             torch.from_numpy(prefix),
             torch.from_numpy(inputs),
             torch.from_numpy(labels),
             torch.from_numpy(lengths - 1),
+            torch.from_numpy(weights),
         )
 
 
@@ -198,25 +212,73 @@ def build_model(hf_config: dict, device: torch.device, attn: str, experts: str |
     return model
 
 
-def assistant_loss(model, prefix, inputs, labels, autocast) -> torch.Tensor:
+def mirror_head_init(model: torch.nn.Module) -> None:
+    """Start lm_head as a copy of the embedding matrix (still two separate weights, as in
+    Kimi-K2, which does not tie them).
+
+    Copying token t means the attended value of t must raise t's logit. With independent
+    random embeddings and head there is no single attention map that does this for every
+    token (2304 tokens, 256 dims), so the alignment is learned token by token, only for
+    tokens seen as copy targets. With the head starting equal to the embeddings, an
+    identity-like value/output map copies any token, including pieces of names never
+    seen as targets."""
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+
+
+def assistant_loss(
+    model, prefix, inputs, labels, autocast, hide_prefix=False, weights=None
+) -> torch.Tensor:
     """Cross-entropy on assistant tokens only; the head runs only where there is a target.
 
     The shared prefix runs once (batch 1) and its keys/values are broadcast to every row,
     so the gradient through it is the sum over rows, exactly as if each row carried it
-    (tests/test_tiny_model.py checks the loss and gradients against the unshared model)."""
+    (tests/test_tiny_model.py checks the loss and gradients against the unshared model).
+    `hide_prefix` leaves the prefix out but keeps every position where it would be: the
+    copying curriculum (see `PrefixCurriculum`)."""
     with autocast():
-        cache = None
-        if len(prefix):
+        cache, positions = None, None
+        if hide_prefix:
+            positions = torch.arange(
+                len(prefix), len(prefix) + inputs.shape[1], device=inputs.device
+            )
+            positions = positions[None].expand(len(inputs), -1)
+        elif len(prefix):
             cache = model.model(input_ids=prefix[None], use_cache=True).past_key_values
             for layer in cache.layers:
                 layer.keys = layer.keys.expand(len(inputs), -1, -1, -1)
                 layer.values = layer.values.expand(len(inputs), -1, -1, -1)
         hidden = model.model(
-            input_ids=inputs, past_key_values=cache, use_cache=cache is not None
+            input_ids=inputs,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
         ).last_hidden_state
         keep = labels != -100
         logits = model.lm_head(hidden[keep])
-    return F.cross_entropy(logits.float(), labels[keep])
+    if weights is None:
+        return F.cross_entropy(logits.float(), labels[keep])
+    w = weights[keep]
+    return (F.cross_entropy(logits.float(), labels[keep], reduction="none") * w).sum() / w.sum()
+
+
+class PrefixCurriculum:
+    """Copying curriculum: early batches hide the shared tool-declaration prefix.
+
+    Copying an argument means one attention head finding two or three name tokens among
+    every key before it. With the ~190-token declaration in front, attention starts out
+    spread over ~250 keys and the gradient that would sharpen it is ~4x weaker than over
+    the ~60 tokens of the dialogue itself, so copying is slow to appear (0% after 58 min of
+    CPU training with the prefix always present). Batches hide the prefix (positions kept)
+    with a probability that falls linearly from 1 to 0 over the first `fraction` of the
+    budget; afterwards every batch sees exactly what inference sees."""
+
+    def __init__(self, fraction: float, t0: float, t_end: float, seed: int):
+        self.t0, self.span = t0, max(1e-6, fraction * (t_end - t0))
+        self.rng = np.random.default_rng(seed + 1)
+
+    def hide(self, now: float) -> bool:
+        return bool(self.rng.random() < 1.0 - (now - self.t0) / self.span)
 
 
 def _autocast_for(device: torch.device):
@@ -234,7 +296,7 @@ def choose_implementation(hf_config, device, corpus, batch_tokens, seed) -> tupl
         return "sdpa", None
     autocast = _autocast_for(device)
     idx = corpus.epoch_batches(np.random.default_rng(seed), batch_tokens)[0]
-    prefix, inputs, labels, _ = (t.to(device) for t in corpus.collate(idx))
+    prefix, inputs, labels, _, _ = (t.to(device) for t in corpus.collate(idx))
     timings = {}
     # (batched_mm is left out: it gathers one weight copy per token, ~70 GB at this batch)
     for attn, experts in (("sdpa", "grouped_mm"), ("sdpa", None), ("eager", None)):
@@ -372,15 +434,17 @@ def _optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.d
     )
 
 
-def _step(model, opt, balancer, corpus, idx, lr, device, autocast, clip) -> tuple:
+def _step(model, opt, balancer, batch, lr, device, autocast, clip, hide) -> tuple:
     """One optimiser step on one batch; returns (loss, grad_norm, real tokens) without syncing."""
-    prefix, inputs, labels, lengths = corpus.collate(idx)
-    prefix, inputs, labels = (t.to(device, non_blocking=True) for t in (prefix, inputs, labels))
+    prefix, inputs, labels, lengths, weights = batch
+    prefix, inputs, labels, weights = (
+        t.to(device, non_blocking=True) for t in (prefix, inputs, labels, weights)
+    )
     positions = torch.arange(inputs.shape[1])
     balancer.valid = (positions[None, :] < lengths[:, None]).reshape(-1).to(device)
     for group in opt.param_groups:
         group["lr"] = lr
-    loss = assistant_loss(model, prefix, inputs, labels, autocast)
+    loss = assistant_loss(model, prefix, inputs, labels, autocast, hide, weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -404,6 +468,8 @@ def train(args: argparse.Namespace) -> None:
     attn, experts = choose_implementation(hf_config, device, corpus, args.batch_tokens, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(hf_config, device, attn, experts).train()
+    if args.mirror_head_init:
+        mirror_head_init(model)
     if args.compile:
         model.model = torch.compile(model.model, dynamic=True)
     opt, balancer, autocast = (
@@ -413,6 +479,7 @@ def train(args: argparse.Namespace) -> None:
     )
     t0 = time.time()
     sched = Schedule(args.lr, args.warmup, args.lr_floor, t0, deadline)
+    curriculum = PrefixCurriculum(args.hide_prefix_fraction, t0, deadline, args.seed)
     rng = np.random.default_rng(args.seed)
     log = {
         "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
@@ -431,13 +498,16 @@ def train(args: argparse.Namespace) -> None:
         if not batches:
             batches, epoch = corpus.epoch_batches(rng, args.batch_tokens), epoch + 1
         lr = sched(step, time.time())
+        hide = curriculum.hide(time.time())
+        batch = corpus.collate(batches.pop(), args.copy_weight)
         loss, grad_norm, n_tok = _step(
-            model, opt, balancer, corpus, batches.pop(), lr, device, autocast, args.clip
+            model, opt, balancer, batch, lr, device, autocast, args.clip, hide
         )
         step, tokens_seen, window[0] = step + 1, tokens_seen + n_tok, window[0] + n_tok
         now = time.time()
         if now - window[1] >= args.log_every_s:
             entry = {"t": round(now - t0, 1), "step": step, "epoch": epoch, "loss": loss.item(),
+                     "prefix_hidden": hide,
                      "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
                      "tokens_per_s": round(window[0] / (now - window[1])),
                      "max_expert_load": max(balancer.load_ratios())}  # fmt: skip
@@ -508,6 +578,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument("--weight-decay", type=float, default=0.05)
     tr.add_argument("--clip", type=float, default=1.0)
     tr.add_argument("--bias-gamma", type=float, default=1e-3, help="router bias step per update")
+    tr.add_argument(
+        "--hide-prefix-fraction",
+        type=float,
+        default=0.5,
+        help="share of the budget over which batches stop hiding the shared prompt prefix",
+    )
+    tr.add_argument(
+        "--mirror-head-init",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start lm_head equal to the embeddings (see mirror_head_init)",
+    )
+    tr.add_argument(
+        "--copy-weight",
+        type=float,
+        default=4.0,
+        help="loss weight of targets copied from earlier in the dialogue (see Corpus.collate)",
+    )
     tr.add_argument("--log-every-s", type=float, default=10.0)
     tr.add_argument("--eval-every-s", type=float, default=60.0)
     tr.add_argument(

@@ -141,7 +141,7 @@ def test_shared_prefix_training_equals_full_sequences(prepared_data):
     batches = corpus.epoch_batches(np.random.default_rng(0), 2048)
     for idx in batches[:4]:
         assert len(set(corpus.group[idx].tolist())) == 1
-        prefix, inputs, labels, _ = corpus.collate(idx)
+        prefix, inputs, labels, _, _ = corpus.collate(idx)
         results = []
         for shared in (True, False):
             if not shared:  # the same rows, prefix included, no sharing
@@ -161,6 +161,27 @@ def test_shared_prefix_training_equals_full_sequences(prepared_data):
         for k in g_full:
             scale = g_full[k].abs().max().clamp(min=1e-12)
             assert ((g_shared[k] - g_full[k]).abs().max() / scale) < 1e-4, k
+
+
+def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
+    """Weighted targets are exactly the assistant tokens that already appeared outside an
+    assistant turn earlier in the same conversation (and not in the shared prefix)."""
+    train = _train_module()
+    corpus = train.Corpus(prepared_data / "corpus.npz")
+    weighted = 0
+    for idx in corpus.epoch_batches(np.random.default_rng(1), 2048)[:6]:
+        prefix, inputs, labels, lengths, weights = corpus.collate(idx, copy_weight=5.0)
+        assert corpus.collate(idx)[4].eq(1.0).all()
+        for row in range(len(idx)):
+            shown = set()
+            for t in range(int(lengths[row])):
+                if not corpus.mask[corpus.offsets[idx[row]] + len(prefix) + t]:
+                    shown.add(int(inputs[row, t]))
+                target = int(labels[row, t])
+                expect = target != -100 and target in shown and target not in prefix.tolist()
+                assert float(weights[row, t]) == (5.0 if expect else 1.0), (row, t)
+                weighted += expect
+    assert weighted > 20  # names and numbers are copied in most tool conversations
 
 
 @pytest.mark.slow
