@@ -67,8 +67,9 @@ class Corpus:
         group = group.reshape(-1)
         prefixes = []
         for g in range(int(group.max()) + 1):
-            members = starts[group == g]
-            limit = int(self.lengths[group == g].min()) - 2
+            in_group = group == g
+            members = starts[in_group]
+            limit = int(self.lengths[in_group].min()) - 2
             n = 0
             while (
                 n < limit
@@ -127,7 +128,7 @@ class Corpus:
             inputs[row, :n] = seq[:-1]
             labels[row, :n] = np.where(target, seq[1:], -100)
             if copy_weight != 1.0:  # where each token first appears outside assistant turns
-                first_seen = np.full(2**16, len(seq), dtype=np.int64)
+                first_seen = np.full(int(seq.max()) + 1, len(seq), dtype=np.int64)
                 shown = np.nonzero(~self.mask[a:b])[0]
                 np.minimum.at(first_seen, seq[shown], shown)
                 copies = target & (first_seen[seq[1:]] < np.arange(1, n + 1))
@@ -163,9 +164,9 @@ class RouterBalancer:
             if not module.training:
                 return
             index = output[-1]
-            if self.valid is not None and len(self.valid) != len(index):
-                return  # the shared prompt prefix's pass: only the batch rows are counted
             if self.valid is not None:
+                if len(self.valid) != len(index):
+                    return  # the shared prompt prefix's pass: only the batch rows are counted
                 index = index[self.valid]
             n = len(module.e_score_correction_bias)
             self.counts[k] = torch.bincount(index.reshape(-1), minlength=n).float()
