@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 from kimi_trt.runtime.engine import load_engine
-from kimi_trt.runtime.failure import run_rank
-from kimi_trt.runtime.launch import detect_rank_info
+from kimi_trt.runtime.failure import run_this_rank
 from kimi_trt.runtime.sampling import SamplingParams
 from kimi_trt.runtime.tool_parser import parse_tool_call_ids
-from kimi_trt.testing.tool_catalogue import TOOLS, run_tool
+from kimi_trt.testing.tool_catalogue import TOOLS, ToolArgumentError, run_tool
 
 DEFAULT_QUESTIONS = (
     "What's the weather like in Paris?",
@@ -50,7 +49,7 @@ def chat_round_trip(engine, question: str, params: SamplingParams) -> None:
         try:
             outcome = run_tool(call["function"]["name"], json.loads(call["function"]["arguments"]))
             result = outcome.content
-        except (KeyError, ValueError, TypeError) as e:
+        except ToolArgumentError as e:
             result = json.dumps({"error": str(e)})
         print(f"tool      > {result}")
         messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("questions", nargs="*", default=list(DEFAULT_QUESTIONS))
     args = ap.parse_args(argv)
-    info = detect_rank_info()
 
     def body() -> int:
         engine = load_engine(args.engine_dir)
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.shutdown()
         return 0
 
-    return run_rank(body, info.rank, info.world_size)
+    return run_this_rank(body)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,10 @@ def hf_generator(checkpoint: Path, eos_ids: tuple[int, ...]):
     return generate
 
 
-def engine_worker(args: argparse.Namespace) -> None:
-    """Runs on every MPI rank: rank 0 drives the dialogues, the others follow."""
+def engine_worker(args: argparse.Namespace) -> int:
+    """Runs on every MPI rank (through run_rank: one-line errors, os._exit on success so a
+    collective library's teardown can't fail a finished job): rank 0 drives the dialogues,
+    the others follow."""
     from kimi_trt.runtime.engine import load_engine
     from kimi_trt.runtime.sampling import SamplingParams
     from kimi_trt.runtime.tokenizer import KimiTokenizer
@@ -76,7 +78,7 @@ def engine_worker(args: argparse.Namespace) -> None:
     engine = load_engine(args.engine_dir)
     if not engine.is_driver:
         engine.worker_loop()
-        return
+        return 0
     stop = KimiTokenizer.from_dir(args.checkpoint).eos_token_ids  # [EOS] and <|im_end|>
 
     def generate(prompts: list[list[int]], max_new: int) -> list[tuple[list[int], str]]:
@@ -88,6 +90,7 @@ def engine_worker(args: argparse.Namespace) -> None:
         Path(args.records).write_text(json.dumps(records))
     finally:
         engine.shutdown()
+    return 0
 
 
 def mpirun_records(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -101,6 +104,7 @@ def mpirun_records(args: argparse.Namespace, work: Path) -> list[dict]:
     subprocess.run(convert, check=True)
     records = work / "records.json"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.setdefault("KIMI_TRT_TRACEBACK", "1")  # a bench run's internal error: show where
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     worker = [
         str(VENV_BIN / "mpirun"), "-np", str(args.tp), "--oversubscribe",
@@ -162,8 +166,9 @@ def agreement(records: list[dict], reference: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        engine_worker(args)
-        return
+        from kimi_trt.runtime.failure import run_this_rank
+
+        sys.exit(run_this_rank(lambda: engine_worker(args)))
     if not (args.checkpoint / "config.json").is_file():
         sys.exit(f"error: {args.checkpoint}: no config.json (expected the tiny model checkpoint)")
     t0 = time.time()

@@ -28,6 +28,7 @@ from kimi_trt.testing.tool_catalogue import (
     HELDOUT_OPERANDS,
     HELDOUT_VALUE_COUNT,
     TRAIN_CITIES,
+    ToolArgumentError,
     run_tool,
 )
 from kimi_trt.testing.tool_corpus import (
@@ -88,6 +89,28 @@ def test_training_answers_restate_the_tool_result():
         assert all(fact in conv.messages[-1]["content"] for fact in outcome.facts)
 
 
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        (
+            "convert_currency",
+            {"amount": int("9" * 400), "from_currency": "USD", "to_currency": "EUR"},
+        ),
+        ("convert_currency", {"amount": [1], "from_currency": "USD", "to_currency": "EUR"}),
+        ("convert_currency", {"amount": 5, "from_currency": "XYZ", "to_currency": "EUR"}),
+        ("calculate", {"expression": "2 ** 8"}),
+        ("calculate", {"expression": "9" * 5000 + " + 1"}),
+        ("get_weather", {"town": "Paris"}),
+        ("get_time", {}),
+    ],
+)
+def test_tool_rejects_what_a_model_may_emit_with_one_error_type(name, args):
+    """Eval, demo and serving test turn ToolArgumentError into an error result; any other
+    exception (the float overflow that once crashed the eval under mpirun) would abort them."""
+    with pytest.raises(ToolArgumentError, match=name):
+        run_tool(name, args)
+
+
 def test_loss_mask_covers_exactly_the_assistant_turns():
     tok = KimiTokenizer.from_dir(SMALL_VOCAB)
     for conv in training_conversations(5, 40):
@@ -112,13 +135,20 @@ def test_tiny_config_splits_for_tp2_ep2_layouts():
         assert layout_problems(cfg, m) == []
 
 
+def run_script(cmd: list[str], timeout: float) -> None:
+    """Run one of our scripts; on failure the assertion carries the tail of its stderr
+    (CI shows only the test's own output, so a bare CalledProcessError would hide why)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+
+
 @pytest.fixture(scope="module")
 def prepared_data(tmp_path_factory) -> Path:
     """The real `prepare` step on a small corpus (2-layer model, 4 experts)."""
     data = tmp_path_factory.mktemp("tiny") / "data"
     prep = ["prepare", "--out", str(data), "--conversations", "300", "--vocab-size", "512",
             "--vocab-sample", "150", "--layers", "2", "--experts", "4"]  # fmt: skip
-    subprocess.run(TRAIN_SCRIPT + prep, check=True, capture_output=True)
+    run_script(TRAIN_SCRIPT + prep, timeout=300)
     return data
 
 
@@ -193,7 +223,7 @@ def test_prepare_train_export_round_trip(prepared_data, tmp_path):
     assert stats["conversations"] == 300 and stats["vocab_size"] == 768
     train = ["train", "--data", str(data), "--out", str(weights), "--minutes", "0.5",
              "--reserve-s", "12", "--batch-tokens", "2048", "--eval-cases", "8", "--warmup", "2"]  # fmt: skip
-    subprocess.run(TRAIN_SCRIPT + train, check=True, capture_output=True, timeout=120)
+    run_script(TRAIN_SCRIPT + train, timeout=120)
     log = json.loads((weights / "train_log.json").read_text())
     assert log["steps"] >= 2 and log["stopped_by"] == "time budget"
     assert set(log["evals"][-1]["exact_call"]) == {"catalogue_unseen_phrasing", "heldout_values"}
@@ -338,7 +368,7 @@ def test_eval_script_through_convert_and_mpirun(tmp_path):
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    run_script(cmd, timeout=300)
     report = json.loads(out.read_text())
     assert report["layout"] == {"world": 4, "tp": 4, "ep": 2, "moe_tp": 2}
     # measured on these 6 spread cases: 6 well-formed, 3 right tool (the full figures are

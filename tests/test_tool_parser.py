@@ -282,6 +282,20 @@ CASES = [
         True,
     ),
     (
+        "an integer too long for json.loads (a model can emit one) is a warning, not a crash",
+        section(call("functions.f:0", '{"n": ' + "7" * 5000 + "}")),
+        "",
+        [("functions.f:0", "f", '{"n": ' + "7" * 5000 + "}")],
+        True,
+    ),
+    (
+        "arguments nested deeper than json.loads recurses are a warning, not a crash",
+        section(call("functions.f:0", "[" * 3000 + "]" * 3000)),
+        "",
+        [("functions.f:0", "f", "[" * 3000 + "]" * 3000)],
+        True,
+    ),
+    (
         "text between calls inside a section becomes content",
         SB + "thinking..." + call("functions.f:0", "{}") + SE,
         "thinking...",

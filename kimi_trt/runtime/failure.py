@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from kimi_trt.errors import MissingCapability, UserError
 from kimi_trt.runtime.comm import PeerFailure
+from kimi_trt.runtime.launch import detect_rank_info
 
 # Give the failing rank's own message a head start over rank 0's "lost contact" line.
 _PEER_MESSAGE_DELAY_S = 0.5
@@ -78,3 +79,9 @@ def run_rank(main: Callable[[], int], rank: int, world_size: int) -> int:
             traceback.print_exc()
         _exit_now(1)
     return 1
+
+
+def run_this_rank(main: Callable[[], int]) -> int:
+    """`run_rank` with this process's rank and world size (from the launcher's environment)."""
+    info = detect_rank_info()
+    return run_rank(main, info.rank, info.world_size)

@@ -302,14 +302,20 @@ def serve(
         _run_app(backend, max_seq_len, model_name, options)
         return
     from kimi_trt.runtime.engine import load_engine
+    from kimi_trt.runtime.failure import run_this_rank
     from kimi_trt.runtime.serving.backends import InProcessBackend
 
-    engine = load_engine(engine_dir)
-    if not engine.is_driver:
-        engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
-        return
-    try:  # whatever happens on rank 0, release the other ranks
-        backend = InProcessBackend(engine, window_s=batch_window_ms / 1000.0)
-        _run_app(backend, engine.max_seq_len, model_name, options)
-    finally:
-        engine.shutdown()
+    def this_rank() -> int:
+        engine = load_engine(engine_dir)
+        if not engine.is_driver:
+            engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
+            return 0
+        try:  # whatever happens on rank 0, release the other ranks
+            backend = InProcessBackend(engine, window_s=batch_window_ms / 1000.0)
+            _run_app(backend, engine.max_seq_len, model_name, options)
+        finally:
+            engine.shutdown()
+        return 0
+
+    # multi-rank: one-line errors and os._exit (a rank's teardown must not fail the job)
+    run_this_rank(this_rank)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.failure import run_rank, shared
+from kimi_trt.runtime.failure import run_this_rank, shared
 from kimi_trt.runtime.generate import GenerationResult
-from kimi_trt.runtime.launch import detect_rank_info
 from kimi_trt.runtime.sampling import SamplingParams
 
 
@@ -171,7 +170,6 @@ def run_command(
     from kimi_trt.runtime.engine import load_engine
 
     src.check()
-    info = detect_rank_info()
 
     def body() -> int:
         engine = load_engine(engine_dir, tokenizer_dir=tokenizer_dir)
@@ -184,4 +182,4 @@ def run_command(
         engine.shutdown()
         return 0
 
-    return run_rank(body, info.rank, info.world_size)
+    return run_this_rank(body)

@@ -317,8 +317,9 @@ class StreamingToolCallParser:
         if complete:
             try:
                 json.loads(self._args)
-            except json.JSONDecodeError as e:
-                self._warn(f"tool call {index}: arguments are not valid JSON ({e.msg})")
+            except (ValueError, RecursionError) as e:  # also: too many digits, too deep
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                self._warn(f"tool call {index}: arguments are not valid JSON ({reason})")
         self._emit(ToolCallEnd(index, complete))
         self._buffer, self._args, self._held_ws = "", "", ""
 

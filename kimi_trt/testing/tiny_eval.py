@@ -17,7 +17,7 @@ from typing import Any
 
 from kimi_trt.runtime.tokenizer import KimiTokenizer
 from kimi_trt.runtime.tool_parser import parse_tool_call_ids
-from kimi_trt.testing.tool_catalogue import TOOL_NAMES, run_tool
+from kimi_trt.testing.tool_catalogue import TOOL_NAMES, ToolArgumentError, run_tool
 from kimi_trt.testing.tool_corpus import EvalCase, eval_cases
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny-kimi"
@@ -57,7 +57,7 @@ def _judge_call(case: EvalCase, ids: list[int], finish: str, tok: KimiTokenizer)
     if calls:
         try:
             args = json.loads(calls[0]["function"]["arguments"])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             args = None
     record["well_formed"] = bool(
         len(calls) == 1 and not parsed.warnings and finish == "stop" and isinstance(args, dict)
@@ -77,7 +77,7 @@ def _answer_prompt(case: EvalCase, record: dict, tok: KimiTokenizer) -> list[int
         return None
     try:
         outcome = run_tool(record["tool"], record["args"])
-    except (KeyError, ValueError, TypeError):
+    except ToolArgumentError:
         return None
     record["tool_result"] = outcome.content
     record["facts"] = list(outcome.facts)

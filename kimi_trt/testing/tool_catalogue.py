@@ -178,8 +178,20 @@ def evaluate_expression(expression: str) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
+class ToolArgumentError(ValueError):
+    """A call's arguments the tool cannot take (missing key, wrong type, out of range). A model
+    can emit anything, so every caller turns this into an error result, never a crash."""
+
+
 def run_tool(name: str, args: dict[str, Any]) -> ToolOutcome:
-    """Execute a call. Raises KeyError/ValueError on arguments the tool cannot take."""
+    """Execute a call; ToolArgumentError for an unknown tool or arguments it cannot take."""
+    try:
+        return _run_tool(name, args)
+    except (KeyError, ValueError, TypeError, OverflowError) as e:
+        raise ToolArgumentError(f"{name}: {e}") from e
+
+
+def _run_tool(name: str, args: dict[str, Any]) -> ToolOutcome:
     if name == "get_weather":
         city = str(args["city"])
         temp, cond = weather_of(city)

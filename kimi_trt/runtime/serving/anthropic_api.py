@@ -145,7 +145,7 @@ def _stop(finish: Finish) -> tuple[str, str | None]:
 def _arguments(text: str) -> Any:
     try:
         return json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # malformed, too many digits, or nested too deep
         return {"_raw_arguments": text}
 
 

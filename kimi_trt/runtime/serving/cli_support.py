@@ -86,8 +86,15 @@ def triton_server_command(
 def triton_worker_command(engine_dir: Path) -> None:
     """A rank > 0 of a leader-mode Triton job: follow rank 0's engine until it shuts down."""
     from kimi_trt.runtime.engine import load_engine
+    from kimi_trt.runtime.failure import run_this_rank
 
-    engine = load_engine(engine_dir)
-    if engine.is_driver:
-        raise UserError("triton-worker runs as rank 1..N-1 under mpirun; rank 0 is tritonserver")
-    engine.worker_loop()
+    def this_rank() -> int:
+        engine = load_engine(engine_dir)
+        if engine.is_driver:
+            raise UserError(
+                "triton-worker runs as rank 1..N-1 under mpirun; rank 0 is tritonserver"
+            )
+        engine.worker_loop()
+        return 0
+
+    run_this_rank(this_rank)
