@@ -366,6 +366,25 @@ def teacher_forced_eval(model, eval_path: Path, device, autocast, limit: int = 0
     return out
 
 
+def load_weights(model, weights_dir: Path) -> None:
+    """Start from an earlier train step's weights (`save_weights` output; fresh optimizer and
+    schedule), so training can go on past one run's budget. The data must be tokenised with
+    the same vocabulary (`prepare --vocab-from`); any other mismatch is refused by name."""
+    from safetensors.torch import load_file
+
+    files = sorted(weights_dir.glob("weights-*.safetensors"))
+    if not files:
+        sys.exit(f"error: {weights_dir}: no weights-*.safetensors (a train step's --out)")
+    saved = {k: v for f in files for k, v in load_file(str(f)).items()}
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    for name in sorted(set(own) | set(saved)):
+        if name not in saved or name not in own or saved[name].shape != own[name].shape:
+            got = tuple(saved[name].shape) if name in saved else "absent"
+            want = tuple(own[name].shape) if name in own else "absent"
+            sys.exit(f"error: {weights_dir}: tensor {name}: saved {got}, this model {want}")
+    model.load_state_dict({k: saved[k].to(own[k].dtype) for k in own}, strict=False)
+
+
 def save_weights(model, out: Path) -> list[str]:
     """bf16 matrices, fp32 vectors (router bias, norms), split into files the device can return."""
     from safetensors.torch import save_file
@@ -469,7 +488,9 @@ def train(args: argparse.Namespace) -> None:
     attn, experts = choose_implementation(hf_config, device, corpus, args.batch_tokens, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(hf_config, device, attn, experts).train()
-    if args.mirror_head_init:
+    if args.init_weights:
+        load_weights(model, Path(args.init_weights))
+    elif args.mirror_head_init:
         mirror_head_init(model)
     if args.compile:
         model.model = torch.compile(model.model, dynamic=True)
@@ -558,6 +579,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pr.add_argument(
         "--vocab-sample", type=int, default=4000, help="conversations the BPE is trained on"
     )
+    pr.add_argument(
+        "--vocab-from",
+        help="reuse this vocabulary (a data folder's vocab/ or a checkpoint) instead of training one",
+    )
     pr.add_argument("--layers", type=int, default=3)
     pr.add_argument("--experts", type=int, default=8)
     pr.add_argument("--seed", type=int, default=0)
@@ -590,6 +615,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="start lm_head equal to the embeddings (see mirror_head_init)",
+    )
+    tr.add_argument(
+        "--init-weights",
+        help="continue from this earlier train --out (same vocabulary; replaces --mirror-head-init)",
     )
     tr.add_argument(
         "--copy-weight",

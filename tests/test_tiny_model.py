@@ -32,6 +32,7 @@ from kimi_trt.testing.tool_catalogue import (
     run_tool,
 )
 from kimi_trt.testing.tool_corpus import (
+    COMPOSED_PHRASINGS,
     EVAL_PHRASINGS,
     eval_cases,
     training_conversations,
@@ -72,6 +73,22 @@ def test_corpus_is_deterministic_and_never_shows_heldout_values():
         for p in phrasings:
             pattern = re.compile(".+".join(map(re.escape, re.split(r"\{\w+\}", p))))
             assert not any(pattern.fullmatch(u) for u in users), p
+
+
+def test_composed_phrasings_share_no_four_words_with_the_eval():
+    """The composed training sentences teach the vocabulary of each tool; the eval must still
+    see phrasings never seen in training, so no composed sentence shares a run of four
+    words (placeholders included) with an eval sentence of any tool."""
+
+    def four_grams(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"\{\w+\}|[a-z']+", text.lower())
+        return {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+
+    eval_grams = set().union(*(four_grams(p) for ps in EVAL_PHRASINGS.values() for p in ps))
+    for tool, phrasings in COMPOSED_PHRASINGS.items():
+        assert len(set(phrasings)) == len(phrasings) >= 30, tool
+        for p in phrasings:
+            assert not four_grams(p) & eval_grams, p
 
 
 def test_training_answers_restate_the_tool_result():
@@ -212,6 +229,39 @@ def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
                 assert float(weights[row, t]) == (5.0 if expect else 1.0), (row, t)
                 weighted += expect
     assert weighted > 20  # names and numbers are copied in most tool conversations
+
+
+def test_training_continues_from_saved_weights_with_the_same_vocabulary(prepared_data, tmp_path):
+    """`train --init-weights` starts from a previous run's saved weights (refusing a model of
+    other shapes by tensor name), and `prepare --vocab-from` keeps the token ids, so new data
+    can feed a model that goes on training."""
+    train = _train_module()
+    hf_config = json.loads((prepared_data / "hf_config.json").read_text())
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    first = train.build_model(hf_config, cpu, "sdpa", None)
+    train.save_weights(first, tmp_path)
+    torch.manual_seed(1)
+    second = train.build_model(hf_config, cpu, "sdpa", None)
+    train.load_weights(second, tmp_path)
+    for name, value in second.state_dict().items():
+        saved = first.state_dict()[name]
+        want = saved.to(torch.bfloat16).float() if saved.dim() >= 2 else saved
+        assert torch.equal(value.float(), want.float()), name
+    wider = train.build_model(
+        {**hf_config, "vocab_size": hf_config["vocab_size"] + 128}, cpu, "sdpa", None
+    )
+    with pytest.raises(
+        SystemExit, match=r"tensor lm_head\.weight: saved \(768, 256\), this model \(896, 256\)"
+    ):
+        train.load_weights(wider, tmp_path)
+
+    data = tmp_path / "more"
+    prep = ["prepare", "--out", str(data), "--conversations", "40", "--vocab-from",
+            str(prepared_data / "vocab"), "--layers", "2", "--experts", "4"]  # fmt: skip
+    run_script(TRAIN_SCRIPT + prep, timeout=300)
+    for name in tiny_model.TOKENIZER_FILES:
+        assert (data / "vocab" / name).read_bytes() == (prepared_data / "vocab" / name).read_bytes()
 
 
 @pytest.mark.slow

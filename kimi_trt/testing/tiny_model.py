@@ -181,6 +181,17 @@ def _train_vocab(conversations: list[Conversation], size: int, out: Path) -> Kim
     return KimiTokenizer.from_dir(out)
 
 
+def _copy_vocab(src: Path, out: Path) -> KimiTokenizer:
+    """An existing vocabulary (a data folder's vocab/ or a checkpoint): new data for a model
+    that goes on training must keep its token ids."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if not (src / name).is_file():
+            raise CheckpointError(f"{src}: no {name} (expected a vocab/ folder or a checkpoint)")
+        shutil.copyfile(src / name, out / name)
+    return KimiTokenizer.from_dir(out)
+
+
 def tokenise_corpus(convs, tok: KimiTokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint16 tokens, int64 offsets, bool mask) of all conversations, built in chunks so a
     million conversations stay a few hundred MB."""
@@ -206,7 +217,10 @@ def prepare(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     convs = list(training_conversations(args.seed, args.conversations))
-    tok = _train_vocab(convs[: args.vocab_sample], args.vocab_size, out / "vocab")
+    if args.vocab_from:
+        tok = _copy_vocab(Path(args.vocab_from), out / "vocab")
+    else:
+        tok = _train_vocab(convs[: args.vocab_sample], args.vocab_size, out / "vocab")
     if tok.vocab_size > 2**16:
         raise ConfigError(f"vocab_size {tok.vocab_size} does not fit the uint16 token file")
     tokens, offsets, mask = tokenise_corpus(convs, tok)

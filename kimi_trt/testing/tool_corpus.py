@@ -67,6 +67,83 @@ TRAIN_PHRASINGS = {
         "what's {a} {word} {b}",
     ),
 }
+# Training-only phrasings composed from parts (opener + request + ending): 36-60
+# sentences per tool, so that choosing the tool rests on the words naming its subject
+# (temperature, forecast, exchange, solve...) rather than on a dozen memorised templates.
+# Written independently of the eval sentences: none shares four consecutive words with
+# one (tested), so the eval still measures phrasings never seen in training.
+_QUESTION_FRAMES = (("", "?"), ("Hey, ", "?"), ("Quick question: ", "?"), ("So ", " today?"))
+_REQUEST_FRAMES = (("", "."), ("Please ", "."), ("Could you ", "?"), ("Hi, ", " please."))
+COMPOSED_REQUESTS = {
+    "get_weather": (
+        (
+            "what's the temperature in {city}",
+            "how warm does it get in {city}",
+            "is it cold in {city}",
+            "is it sunny in {city}",
+            "will it rain in {city}",
+            "what's the forecast for {city}",
+            "is it snowing in {city}",
+            "how's the weather over in {city}",
+            "what are conditions like in {city}",
+        ),
+        (
+            "give me the weather in {city}",
+            "find the temperature in {city}",
+            "look up the forecast for {city}",
+            "get me the weather conditions in {city}",
+            "tell me whether it is hot in {city}",
+            "report on the weather in {city}",
+        ),
+    ),
+    "convert_currency": (
+        (
+            "what is {amount} {src} in {dst}",
+            "how many {dst} would I get for {amount} {src}",
+            "how much would {amount} {src} be in {dst}",
+            "what's the value of {amount} {src} in {dst}",
+            "{amount} {src} equals how many {dst}",
+        ),
+        (
+            "exchange {amount} {src} to {dst}",
+            "turn {amount} {src} to {dst}",
+            "swap {amount} {src} for {dst}",
+            "price {amount} {src} in {dst}",
+            "change my {amount} {src} to {dst}",
+        ),
+    ),
+    "calculate": (
+        (
+            "what does {a} {op} {b} make",
+            "what do you get for {a} {word} {b}",
+            "what's the answer to {a} {op} {b}",
+            "how much do {a} {word} {b} make",
+        ),
+        (
+            "solve {a} {op} {b}",
+            "evaluate {a} {word} {b}",
+            "figure out {a} {op} {b}",
+            "do the math on {a} {word} {b}",
+            "give me the total of {a} {word} {b}",
+        ),
+    ),
+}
+
+
+def _sentence(opener: str, body: str, ending: str) -> str:
+    text = opener + body + ending
+    return text[0].upper() + text[1:]
+
+
+COMPOSED_PHRASINGS = {
+    tool: tuple(
+        _sentence(opener, body, ending)
+        for bodies, frames in ((questions, _QUESTION_FRAMES), (requests, _REQUEST_FRAMES))
+        for body in bodies
+        for opener, ending in frames
+    )
+    for tool, (questions, requests) in COMPOSED_REQUESTS.items()
+}
 EVAL_PHRASINGS = {
     "get_weather": (
         "Could you check the current conditions for {city}?",
@@ -244,7 +321,8 @@ def tool_exchange(rng: random.Random, tool: str, user: str, args: dict) -> list[
 def _exchange(rng: random.Random, kind: str) -> list[Message]:
     if kind in TRAIN_PHRASINGS:
         value = _training_value(rng, kind)
-        user, args = _question(rng, kind, TRAIN_PHRASINGS[kind], value)
+        phrasings = TRAIN_PHRASINGS if rng.random() < 0.5 else COMPOSED_PHRASINGS
+        user, args = _question(rng, kind, phrasings[kind], value)
         return tool_exchange(rng, kind, user, args)
     if kind == "echo":
         value = rng.choice(
