@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import signal
@@ -252,8 +253,8 @@ def assistant_loss(
         hidden = model.model(
             input_ids=inputs,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{_cache_keyword(model.model): cache},
         ).last_hidden_state
         keep = labels != -100
         logits = model.lm_head(hidden[keep])
@@ -261,6 +262,13 @@ def assistant_loss(
         return F.cross_entropy(logits.float(), labels[keep])
     w = weights[keep]
     return (F.cross_entropy(logits.float(), labels[keep], reduction="none") * w).sum() / w.sum()
+
+
+def _cache_keyword(module: torch.nn.Module) -> str:
+    """transformers >= 5.2x names the KV-cache argument `cache` (`past_key_values` is
+    deprecated there); older releases, as a GPU machine may have, only know the old name."""
+    params = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class PrefixCurriculum:
