@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -254,7 +255,7 @@ def assistant_loss(
             input_ids=inputs,
             position_ids=positions,
             use_cache=cache is not None,
-            **{_cache_keyword(model.model): cache},
+            **{_cache_keyword(type(model.model)): cache},
         ).last_hidden_state
         keep = labels != -100
         logits = model.lm_head(hidden[keep])
@@ -264,10 +265,12 @@ def assistant_loss(
     return (F.cross_entropy(logits.float(), labels[keep], reduction="none") * w).sum() / w.sum()
 
 
-def _cache_keyword(module: torch.nn.Module) -> str:
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
     """transformers >= 5.2x names the KV-cache argument `cache` (`past_key_values` is
-    deprecated there); older releases, as a GPU machine may have, only know the old name."""
-    params = inspect.signature(type(module).forward).parameters
+    deprecated there); older releases, as a GPU machine may have, only know the old name.
+    Looked up once per model class, not on every step."""
+    params = inspect.signature(module_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

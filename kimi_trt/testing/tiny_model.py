@@ -181,15 +181,14 @@ def _train_vocab(conversations: list[Conversation], size: int, out: Path) -> Kim
     return KimiTokenizer.from_dir(out)
 
 
-def _copy_vocab(src: Path, out: Path) -> KimiTokenizer:
-    """An existing vocabulary (a data folder's vocab/ or a checkpoint): new data for a model
-    that goes on training must keep its token ids."""
+def copy_tokenizer_files(src: Path, out: Path) -> None:
+    """The vocabulary files of `src` (a data folder's vocab/ or a checkpoint) into `out`: for
+    new data that must keep a model's token ids, and for the exported checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if not (src / name).is_file():
             raise CheckpointError(f"{src}: no {name} (expected a vocab/ folder or a checkpoint)")
         shutil.copyfile(src / name, out / name)
-    return KimiTokenizer.from_dir(out)
 
 
 def tokenise_corpus(convs, tok: KimiTokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,7 +217,8 @@ def prepare(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     convs = list(training_conversations(args.seed, args.conversations))
     if args.vocab_from:
-        tok = _copy_vocab(Path(args.vocab_from), out / "vocab")
+        copy_tokenizer_files(Path(args.vocab_from), out / "vocab")
+        tok = KimiTokenizer.from_dir(out / "vocab")
     else:
         tok = _train_vocab(convs[: args.vocab_sample], args.vocab_size, out / "vocab")
     if tok.vocab_size > 2**16:
@@ -319,8 +319,7 @@ def write_kimi_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(vocab / f, out / f)
+    copy_tokenizer_files(vocab, out)
     return total
 
 
