@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from kimi_trt.runtime.serving.anthropic_api import sampler_temperature
+from kimi_trt.runtime.serving.anthropic_api import _arguments, sampler_temperature
 from kimi_trt.runtime.tokenizer import KimiTokenizer
 from tests.serving_support import (
     ARGUMENTS,
@@ -321,3 +321,13 @@ def test_metrics(server, client):
     assert metric(server, "kimi_trt_inter_token_latency_seconds_count") > 0
     assert metric(server, "kimi_trt_prompt_tokens_total") > 0
     assert metric(server, "kimi_trt_generation_tokens_total") > 0
+
+
+@pytest.mark.parametrize(
+    "text", ['{"city": Paris}', '{"n": ' + "7" * 5000 + "}", "[" * 3000 + "]" * 3000]
+)
+def test_anthropic_tool_input_keeps_arguments_json_cannot_read(text):
+    """A tool_use block's input for arguments the model wrote that json.loads rejects
+    (malformed, an over-long integer, nesting past its recursion limit): the raw text, not
+    a 500 from the server."""
+    assert _arguments(text) == {"_raw_arguments": text}
