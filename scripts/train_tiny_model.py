@@ -54,6 +54,8 @@ class Corpus:
         self.offsets = z["offsets"]
         self.mask = np.unpackbits(z["mask_bits"])[: len(self.tokens)].astype(bool)
         self.lengths = np.diff(self.offsets)
+        # (argument-begin id, call-end id): the span of a tool call's JSON arguments
+        self.argument_span = tuple(int(i) for i in z["argument_span"])
         self.group, self.prefixes = self._shared_prefixes()
 
     def __len__(self) -> int:
@@ -111,9 +113,10 @@ class Corpus:
         assistant turns, real lengths [B], loss weights [B,T]) for one group's rows.
 
         Targets that copy a token from earlier in the same dialogue (a name, a number: a
-        token of the user turn or tool result that the shared prefix does not contain)
-        weigh `copy_weight`; every other target weighs 1. Copying is the skill that is
-        slow to appear, and these are ~1 target in 8."""
+        token of the user turn or tool result that the shared prefix does not contain), and
+        every target inside a tool call's arguments up to its end marker (values that are
+        mapped, not copied: "pesos" -> MXN; where a name stops), weigh `copy_weight`; every
+        other target weighs 1. These are the skills that are slow to appear, ~1 target in 5."""
         prefix = self.prefixes[int(self.group[idx[0]])]
         p = len(prefix)
         lengths = self.lengths[idx] - p
@@ -123,6 +126,7 @@ class Corpus:
         weights = np.ones((len(idx), width), dtype=np.float32)
         in_prefix = np.zeros(2**16, dtype=bool)
         in_prefix[prefix] = True
+        begin, end = self.argument_span
         for row, i in enumerate(idx):
             a, b = self.offsets[i] + p, self.offsets[i + 1]
             n = b - a - 1
@@ -134,7 +138,9 @@ class Corpus:
                 shown = np.nonzero(~self.mask[a:b])[0]
                 np.minimum.at(first_seen, seq[shown], shown)
                 copies = target & (first_seen[seq[1:]] < np.arange(1, n + 1))
-                weights[row, :n] = np.where(copies & ~in_prefix[seq[1:]], copy_weight, 1.0)
+                in_call = (np.cumsum(seq == begin) - np.cumsum(seq == end))[:-1] > 0
+                heavy = (copies & ~in_prefix[seq[1:]]) | (target & in_call)
+                weights[row, :n] = np.where(heavy, copy_weight, 1.0)
         return (
             torch.from_numpy(prefix),
             torch.from_numpy(inputs),

@@ -212,23 +212,30 @@ def test_shared_prefix_training_equals_full_sequences(prepared_data):
 
 def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
     """Weighted targets are exactly the assistant tokens that already appeared outside an
-    assistant turn earlier in the same conversation (and not in the shared prefix)."""
+    assistant turn earlier in the same conversation (and not in the shared prefix), and the
+    targets inside a tool call's arguments up to and including its end marker."""
     train = _train_module()
     corpus = train.Corpus(prepared_data / "corpus.npz")
-    weighted = 0
+    tok = KimiTokenizer.from_dir(prepared_data / "vocab")
+    begin, end = (tok.special_ids[n] for n in ("<|tool_call_argument_begin|>", "<|tool_call_end|>"))
+    weighted = in_calls = 0
     for idx in corpus.epoch_batches(np.random.default_rng(1), 2048)[:6]:
         prefix, inputs, labels, lengths, weights = corpus.collate(idx, copy_weight=5.0)
         assert corpus.collate(idx)[4].eq(1.0).all()
         for row in range(len(idx)):
-            shown = set()
+            shown, in_call = set(), False
             for t in range(int(lengths[row])):
                 if not corpus.mask[corpus.offsets[idx[row]] + len(prefix) + t]:
                     shown.add(int(inputs[row, t]))
+                in_call = (in_call or int(inputs[row, t]) == begin) and inputs[row, t] != end
                 target = int(labels[row, t])
-                expect = target != -100 and target in shown and target not in prefix.tolist()
+                copied = target in shown and target not in prefix.tolist()
+                expect = target != -100 and (copied or in_call)
                 assert float(weights[row, t]) == (5.0 if expect else 1.0), (row, t)
                 weighted += expect
+                in_calls += expect and in_call and not copied
     assert weighted > 20  # names and numbers are copied in most tool conversations
+    assert in_calls > 20  # call syntax, currency codes mapped from names, the end marker
 
 
 def test_training_continues_from_saved_weights_with_the_same_vocabulary(prepared_data, tmp_path):

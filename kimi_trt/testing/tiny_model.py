@@ -224,8 +224,13 @@ def prepare(args) -> None:
     if tok.vocab_size > 2**16:
         raise ConfigError(f"vocab_size {tok.vocab_size} does not fit the uint16 token file")
     tokens, offsets, mask = tokenise_corpus(convs, tok)
+    span = [tok.special_ids[n] for n in ("<|tool_call_argument_begin|>", "<|tool_call_end|>")]
     np.savez_compressed(
-        out / "corpus.npz", tokens=tokens, offsets=offsets, mask_bits=np.packbits(mask)
+        out / "corpus.npz",
+        tokens=tokens,
+        offsets=offsets,
+        mask_bits=np.packbits(mask),
+        argument_span=np.array(span),
     )
     cfg = tiny_model_config(tok.vocab_size, tok.base_vocab_size, args.layers, args.experts)
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))

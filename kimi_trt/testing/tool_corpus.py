@@ -72,8 +72,22 @@ TRAIN_PHRASINGS = {
 # (temperature, forecast, exchange, solve...) rather than on a dozen memorised templates.
 # Written independently of the eval sentences: none shares four consecutive words with
 # one (tested), so the eval still measures phrasings never seen in training.
-_QUESTION_FRAMES = (("", "?"), ("Hey, ", "?"), ("Quick question: ", "?"), ("So ", " today?"))
-_REQUEST_FRAMES = (("", "."), ("Please ", "."), ("Could you ", "?"), ("Hi, ", " please."))
+_QUESTION_FRAMES = (
+    ("", "?"),
+    ("Hey, ", "?"),
+    ("Quick question: ", "?"),
+    ("So ", " today?"),
+    ("", ""),
+    ("Um, ", ", thanks?"),
+)
+_REQUEST_FRAMES = (
+    ("", "."),
+    ("Please ", "."),
+    ("Could you ", "?"),
+    ("Hi, ", " please."),
+    ("", ""),
+    ("Can you ", " for me?"),
+)
 COMPOSED_REQUESTS = {
     "get_weather": (
         (
@@ -86,6 +100,14 @@ COMPOSED_REQUESTS = {
             "is it snowing in {city}",
             "how's the weather over in {city}",
             "what are conditions like in {city}",
+            "how hot is it in {city} right now",
+            "how cold will it get in {city} tonight",
+            "is it humid in {city} these days",
+            "what should I wear in {city} this week",
+            "is {city} warm or chilly",
+            "how's {city} looking weather-wise",
+            "any rain expected in {city} later",
+            "how many degrees is it in {city}",
         ),
         (
             "give me the weather in {city}",
@@ -94,6 +116,12 @@ COMPOSED_REQUESTS = {
             "get me the weather conditions in {city}",
             "tell me whether it is hot in {city}",
             "report on the weather in {city}",
+            "check on the temperature in {city} quickly",
+            "tell me how hot {city} gets",
+            "show me the forecast for {city} this week",
+            "pull up the weather in {city} right now",
+            "let me know if it is raining in {city}",
+            "find out how cold {city} is",
         ),
     ),
     "convert_currency": (
@@ -103,6 +131,11 @@ COMPOSED_REQUESTS = {
             "how much would {amount} {src} be in {dst}",
             "what's the value of {amount} {src} in {dst}",
             "{amount} {src} equals how many {dst}",
+            "how many {dst} can {amount} {src} buy",
+            "what do {amount} {src} make in {dst} these days",
+            "roughly how much is {amount} {src} in {dst} right now",
+            "if I have {amount} {src}, what is that in {dst}",
+            "{amount} {src} is worth how many {dst} today",
         ),
         (
             "exchange {amount} {src} to {dst}",
@@ -110,6 +143,11 @@ COMPOSED_REQUESTS = {
             "swap {amount} {src} for {dst}",
             "price {amount} {src} in {dst}",
             "change my {amount} {src} to {dst}",
+            "compute {amount} {src} in {dst}",
+            "tell me what {amount} {src} gets me in {dst}",
+            "calculate {amount} {src} in {dst}",
+            "show {amount} {src} as {dst}",
+            "convert my {amount} {src} over to {dst} before the trip",
         ),
     ),
     "calculate": (
@@ -118,6 +156,10 @@ COMPOSED_REQUESTS = {
             "what do you get for {a} {word} {b}",
             "what's the answer to {a} {op} {b}",
             "how much do {a} {word} {b} make",
+            "what is {a} {word} {b} exactly",
+            "do you know {a} {op} {b}",
+            "{a} {word} {b} comes to what",
+            "any idea what {a} {word} {b} is",
         ),
         (
             "solve {a} {op} {b}",
@@ -125,6 +167,10 @@ COMPOSED_REQUESTS = {
             "figure out {a} {op} {b}",
             "do the math on {a} {word} {b}",
             "give me the total of {a} {word} {b}",
+            "crunch the numbers on {a} {op} {b}",
+            "help me with {a} {word} {b}",
+            "check my arithmetic on {a} {word} {b}",
+            "solve this one: {a} {op} {b}",
         ),
     ),
 }
@@ -321,7 +367,8 @@ def tool_exchange(rng: random.Random, tool: str, user: str, args: dict) -> list[
 def _exchange(rng: random.Random, kind: str) -> list[Message]:
     if kind in TRAIN_PHRASINGS:
         value = _training_value(rng, kind)
-        phrasings = TRAIN_PHRASINGS if rng.random() < 0.5 else COMPOSED_PHRASINGS
+        # 60% composed: their variety is what lets tool choice carry over to new phrasings
+        phrasings = TRAIN_PHRASINGS if rng.random() < 0.4 else COMPOSED_PHRASINGS
         user, args = _question(rng, kind, phrasings[kind], value)
         return tool_exchange(rng, kind, user, args)
     if kind == "echo":
@@ -339,13 +386,14 @@ def _exchange(rng: random.Random, kind: str) -> list[Message]:
 
 
 # Share of each conversation kind in training. Copying values from the user turn is the
-# slow skill, so most conversations exercise it (weather names, copy drills ~20%, as the
-# trials suggest); small talk only needs to keep "no tool" alive.
+# slow skill, so most conversations exercise it (weather names, copy drills ~16-20%, as the
+# trials suggest); currency has the most to learn besides copying (names -> ISO codes);
+# small talk only needs to keep "no tool" alive.
 KIND_WEIGHTS = {
-    "get_weather": 0.40,
-    "convert_currency": 0.17,
-    "calculate": 0.17,
-    "echo": 0.20,
+    "get_weather": 0.36,
+    "convert_currency": 0.24,
+    "calculate": 0.18,
+    "echo": 0.16,
     "small_talk": 0.06,
 }
 HISTORY_SHARE = 0.08  # conversations that carry a previous exchange
