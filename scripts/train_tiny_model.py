@@ -116,7 +116,8 @@ class Corpus:
         token of the user turn or tool result that the shared prefix does not contain), and
         every target inside a tool call's arguments up to its end marker (values that are
         mapped, not copied: "pesos" -> MXN; where a name stops), weigh `copy_weight`; every
-        other target weighs 1. These are the skills that are slow to appear, ~1 target in 5."""
+        other target weighs 1. These are the skills that are slow to appear; ~1 target in 2
+        (the arguments' JSON keys and quotes included), ~1 in 8 without the in-call rule."""
         prefix = self.prefixes[int(self.group[idx[0]])]
         p = len(prefix)
         lengths = self.lengths[idx] - p

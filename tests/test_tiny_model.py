@@ -19,6 +19,7 @@ from kimi_trt.config import load_model_config
 from kimi_trt.convert.fp8 import FP8_DTYPE
 from kimi_trt.mapping import layout_problems
 from kimi_trt.runtime.chat_template import render_chat
+from kimi_trt.runtime.kimi_format import ARGUMENT_BEGIN, CALL_END
 from kimi_trt.runtime.tokenizer import KimiTokenizer
 from kimi_trt.testing import tiny_model
 from kimi_trt.testing.tiny_eval import DEFAULT_CHECKPOINT, run_dialogues, summarise
@@ -217,7 +218,7 @@ def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
     train = _train_module()
     corpus = train.Corpus(prepared_data / "corpus.npz")
     tok = KimiTokenizer.from_dir(prepared_data / "vocab")
-    begin, end = (tok.special_ids[n] for n in ("<|tool_call_argument_begin|>", "<|tool_call_end|>"))
+    begin, end = (tok.special_ids[marker] for marker in (ARGUMENT_BEGIN, CALL_END))
     weighted = in_calls = 0
     for idx in corpus.epoch_batches(np.random.default_rng(1), 2048)[:6]:
         prefix, inputs, labels, lengths, weights = corpus.collate(idx, copy_weight=5.0)
@@ -227,7 +228,8 @@ def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
             for t in range(int(lengths[row])):
                 if not corpus.mask[corpus.offsets[idx[row]] + len(prefix) + t]:
                     shown.add(int(inputs[row, t]))
-                in_call = (in_call or int(inputs[row, t]) == begin) and inputs[row, t] != end
+                token = int(inputs[row, t])
+                in_call = (in_call or token == begin) and token != end
                 target = int(labels[row, t])
                 copied = target in shown and target not in prefix.tolist()
                 expect = target != -100 and (copied or in_call)

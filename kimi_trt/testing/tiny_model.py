@@ -32,6 +32,7 @@ from kimi_trt.errors import CheckpointError, ConfigError
 from kimi_trt.mapping import Mapping, layout_problems
 from kimi_trt.runtime.bpe_trainer import train_bpe, write_vocab_dir
 from kimi_trt.runtime.chat_template import render_chat
+from kimi_trt.runtime.kimi_format import ARGUMENT_BEGIN, CALL_END
 from kimi_trt.runtime.tokenizer import KimiTokenizer
 from kimi_trt.testing.hf_reference import (
     load_dequantized_state,
@@ -224,7 +225,7 @@ def prepare(args) -> None:
     if tok.vocab_size > 2**16:
         raise ConfigError(f"vocab_size {tok.vocab_size} does not fit the uint16 token file")
     tokens, offsets, mask = tokenise_corpus(convs, tok)
-    span = [tok.special_ids[n] for n in ("<|tool_call_argument_begin|>", "<|tool_call_end|>")]
+    span = [tok.special_ids[marker] for marker in (ARGUMENT_BEGIN, CALL_END)]
     np.savez_compressed(
         out / "corpus.npz",
         tokens=tokens,
