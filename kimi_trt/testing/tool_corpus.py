@@ -6,7 +6,7 @@ with Kimi's chat template is the caller's job, so the corpus never depends on a 
 
 Copying an argument string from the user turn into the call needs induction-like
 attention, which a small model learns slowly (reference/tiny-model-trials.md). Three things
-here push it: half the weather questions name a freshly invented place (so memorising a
+here push it: seven in ten weather questions name a freshly invented place (so memorising a
 city list cannot work), amounts and operands are drawn from thousands of numbers, and a
 share of conversations are explicit copy drills ("Repeat after me: ...").
 
@@ -108,6 +108,12 @@ COMPOSED_REQUESTS = {
             "how's {city} looking weather-wise",
             "any rain expected in {city} later",
             "how many degrees is it in {city}",
+            "is it windy in {city} at night",
+            "how warm is {city} in the afternoon",
+            "will {city} get snow soon",
+            "is the sun out in {city} or not",
+            "what is the weather doing in {city} at noon",
+            "how chilly is {city} after dark",
         ),
         (
             "give me the weather in {city}",
@@ -122,6 +128,10 @@ COMPOSED_REQUESTS = {
             "pull up the weather in {city} right now",
             "let me know if it is raining in {city}",
             "find out how cold {city} is",
+            "check whether {city} is dry at the weekend",
+            "look up {city} and tell me the temperature",
+            "find the weather for {city} at dawn",
+            "see if {city} has sunshine this morning",
         ),
     ),
     "convert_currency": (
@@ -245,6 +255,10 @@ ECHO_DRILLS = (
 PLACE_DRILLS = (
     ("I visited {s} last year. Which place did I visit?", "You visited {s}."),
     ("Write the city {s} as JSON.", '{{"city": "{s}"}}'),
+    ("We drove through {s} at sunrise. Which town was it?", "It was {s}."),
+    ("My aunt moved to {s} with her cats. Where does she live now?", "She lives in {s}."),
+    ("Is {s} near the sea? Just give me the place name.", "{s}"),
+    ("Put {s} in a JSON object under city, please.", '{{"city": "{s}"}}'),
 )
 _ONSETS = "b c d f g h j k l m n p r s t v w z br ch dr gr kr pl sh st tr th".split()
 _VOWELS = "a e i o u a e i o ai ou ia".split()
@@ -341,7 +355,8 @@ def _question(rng: random.Random, tool: str, phrasings: tuple[str, ...], value: 
 
 def _training_value(rng: random.Random, tool: str) -> Any:
     if tool == "get_weather":
-        return rng.choice(TRAIN_CITIES) if rng.random() < 0.5 else invented_place(rng)
+        # mostly invented: a catalogue city can be recalled, an invented one must be copied
+        return rng.choice(TRAIN_CITIES) if rng.random() < 0.3 else invented_place(rng)
     if tool == "convert_currency":
         return training_number(rng, rng.choice((1, 2, 3, 3, 4, 4)))
     return training_number(rng, rng.choice((1, 2, 3, 4))), training_number(rng, 2)
@@ -372,9 +387,10 @@ def _exchange(rng: random.Random, kind: str) -> list[Message]:
         user, args = _question(rng, kind, phrasings[kind], value)
         return tool_exchange(rng, kind, user, args)
     if kind == "echo":
-        value = rng.choice(
-            (invented_place(rng), rng.choice(TRAIN_CITIES), str(training_number(rng, 4)))
-        )
+        value = rng.choices(
+            (invented_place(rng), rng.choice(TRAIN_CITIES), str(training_number(rng, 4))),
+            (0.6, 0.1, 0.3),
+        )[0]
         drills = ECHO_DRILLS + (PLACE_DRILLS if not value.isdigit() else ())
         user, reply = rng.choice(drills)
         return [
@@ -386,15 +402,16 @@ def _exchange(rng: random.Random, kind: str) -> list[Message]:
 
 
 # Share of each conversation kind in training. Copying values from the user turn is the
-# slow skill, so most conversations exercise it (weather names, copy drills ~16-20%, as the
-# trials suggest); currency has the most to learn besides copying (names -> ISO codes);
-# small talk only needs to keep "no tool" alive.
+# slow skill, so most conversations exercise it (weather names, copy drills ~20%, as the
+# trials suggest; phase 4 moved arithmetic and small talk shares to them, since the shipped
+# model copied unseen city names worst); currency has the most to learn besides copying
+# (names -> ISO codes); small talk only needs to keep "no tool" alive.
 KIND_WEIGHTS = {
-    "get_weather": 0.36,
+    "get_weather": 0.38,
     "convert_currency": 0.24,
-    "calculate": 0.18,
-    "echo": 0.16,
-    "small_talk": 0.06,
+    "calculate": 0.14,
+    "echo": 0.20,
+    "small_talk": 0.04,
 }
 HISTORY_SHARE = 0.08  # conversations that carry a previous exchange
 
