@@ -16,6 +16,10 @@ import torch
 
 from kimi_trt.errors import UserError
 
+# Kimi-K2's recommended sampling temperature: what the serving front ends use when a
+# request gives none (the runtime itself defaults to greedy).
+KIMI_DEFAULT_TEMPERATURE = 0.6
+
 
 @dataclass(frozen=True)
 class SamplingParams:

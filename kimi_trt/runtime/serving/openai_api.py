@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.sampling import SamplingParams
+from kimi_trt.runtime.sampling import KIMI_DEFAULT_TEMPERATURE, SamplingParams
 from kimi_trt.runtime.serving.pipeline import (
     Finish,
     GenerationRequest,
@@ -35,8 +35,6 @@ from kimi_trt.runtime.tool_parser import (
     ToolCallArgumentsDelta,
     ToolCallStart,
 )
-
-DEFAULT_TEMPERATURE = 0.6  # Kimi-K2's recommendation when the request gives none
 
 
 @dataclass
@@ -86,7 +84,7 @@ def sampling_params(
     room = max(state.max_seq_len - len(prompt), 1)
     params = SamplingParams(
         max_new_tokens=min(max_tokens or state.default_max_tokens, room),
-        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
+        temperature=KIMI_DEFAULT_TEMPERATURE if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
         top_k=top_k or 0,
         seed=seed,

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from kimi_trt.errors import UserError
+from kimi_trt.runtime.sampling import KIMI_DEFAULT_TEMPERATURE
 
 log = logging.getLogger("kimi_trt.triton")
 DEFAULT_MAX_TOKENS = 64
-DEFAULT_TEMPERATURE = 0.6  # Kimi-K2's recommended sampling temperature
 
 
 def _pb():
@@ -66,7 +66,7 @@ def sampling_from_request(request):
     stops = _optional(request, "stop_token_ids")
     return SamplingParams(
         max_new_tokens=int(_scalar(request, "request_output_len", DEFAULT_MAX_TOKENS)),
-        temperature=float(_scalar(request, "temperature", DEFAULT_TEMPERATURE)),
+        temperature=float(_scalar(request, "temperature", KIMI_DEFAULT_TEMPERATURE)),
         top_p=float(_scalar(request, "runtime_top_p", 1.0)),
         top_k=int(_scalar(request, "runtime_top_k", 0)),
         seed=None if seed is None else int(seed),
