@@ -4,7 +4,7 @@ questions in phrasings never seen in training; the model answers with a Kimi too
 comes back as OpenAI `tool_calls` (finish_reason "tool_calls", a declared tool, JSON-object
 arguments), streaming equal to non-streaming; we run the tool, send the result back, and
 the model's final turn is plain content. Some calls must carry exactly the right
-arguments (the shipped CPU-trained model gets 93.5% of catalogue arguments exactly,
+arguments (the shipped CPU-trained model gets 92% of catalogue arguments exactly,
 bench/results/tiny_model_eval.json; thresholds sit below what the runtime measured on
 these cases)."""
 
@@ -26,11 +26,11 @@ from tests.serving_support import api_server
 TINY = Path(__file__).resolve().parent.parent / "kimi_trt" / "assets" / "tiny-kimi"
 CASES = 20
 # bench/results/tiny_model_eval.json, first 20 catalogue cases through the mpirun runtime:
-# 20 well-formed calls, 19 with exactly the expected arguments; this test measured 20 full
-# round trips and 19 exact calls through serve. Serving must not lose that (the margin is for
+# 20 well-formed calls, 17 with exactly the expected arguments; this test measured 20 full
+# round trips and 17 exact calls through serve. Serving must not lose that (the margin is for
 # greedy flips on another CPU's arithmetic).
 MIN_ROUND_TRIPS = 18
-MIN_EXACT_ARGUMENTS = 17
+MIN_EXACT_ARGUMENTS = 16
 
 pytestmark = [
     pytest.mark.serving,

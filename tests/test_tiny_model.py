@@ -354,7 +354,7 @@ def test_shipped_tiny_model_calls_tools():
     catalogue prompts in phrasings it was never trained on with well-formed Kimi tool-call
     sections for the right tool, nearly all with exactly the right arguments. Thresholds sit
     one flip below what bench/results/tiny_model_eval.json measured on these 12 cases
-    (12 / 12 / 12); the full figures against the issue's targets are in docs/tiny-model.md."""
+    (12 / 12 / 10); the full figures against the issue's targets are in docs/tiny-model.md."""
     from kimi_trt.testing.hf_reference import load_reference_model
 
     cfg = load_model_config(DEFAULT_CHECKPOINT)
@@ -376,7 +376,7 @@ def test_shipped_tiny_model_calls_tools():
     report = summarise(run_dialogues(generate, DEFAULT_CHECKPOINT, cases))
     assert report["figures"]["well_formed_sections"]["hits"] >= 11, report
     assert report["figures"]["right_tool"]["hits"] >= 11, report
-    assert report["figures"]["exact_args_catalogue_unseen_phrasing"]["hits"] >= 10, report
+    assert report["figures"]["exact_args_catalogue_unseen_phrasing"]["hits"] >= 9, report
 
 
 def test_prepare_writes_compact_uint16_corpus(tmp_path):
@@ -433,9 +433,9 @@ def test_eval_script_through_convert_and_mpirun(tmp_path):
     run_script(cmd, timeout=300)
     report = json.loads(out.read_text())
     assert report["layout"] == {"world": 4, "tp": 4, "ep": 2, "moe_tp": 2}
-    # measured on these 6 spread cases: 6 well-formed, 6 right tool, 5 exact arguments (the
+    # measured on these 6 spread cases: 6 well-formed, 6 right tool, 6 exact arguments (the
     # full figures are in bench/results/tiny_model_eval.json); room for one flip each
     assert report["figures"]["well_formed_sections"]["hits"] >= 5, report["figures"]
     assert report["figures"]["right_tool"]["hits"] >= 5, report["figures"]
     exact = sum(report["figures"][f"exact_args_{s}"]["hits"] for s in EXACT_SPLITS)
-    assert exact >= 4, report["figures"]
+    assert exact >= 5, report["figures"]
