@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.sampling import KIMI_DEFAULT_TEMPERATURE
 
 log = logging.getLogger("kimi_trt.triton")
 DEFAULT_MAX_TOKENS = 64
@@ -60,7 +59,8 @@ def _text(value) -> str:
 
 def sampling_from_request(request):
     """SamplingParams from the tensorrt_llm-style inputs (UserError on bad values)."""
-    from kimi_trt.runtime.sampling import SamplingParams  # torch: only the engine model needs it
+    # torch: only the engine model needs it
+    from kimi_trt.runtime.sampling import KIMI_DEFAULT_TEMPERATURE, SamplingParams
 
     seed = _scalar(request, "seed", None)
     stops = _optional(request, "stop_token_ids")
