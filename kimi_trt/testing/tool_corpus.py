@@ -6,7 +6,7 @@ with Kimi's chat template is the caller's job, so the corpus never depends on a 
 
 Copying an argument string from the user turn into the call needs induction-like
 attention, which a small model learns slowly (reference/tiny-model-trials.md). Three things
-here push it: seven in ten weather questions name a freshly invented place (so memorising a
+here push it: three in four weather questions name a freshly invented place (so memorising a
 city list cannot work), amounts and operands are drawn from thousands of numbers, and a
 share of conversations are explicit copy drills ("Repeat after me: ...").
 
@@ -114,6 +114,12 @@ COMPOSED_REQUESTS = {
             "is the sun out in {city} or not",
             "what is the weather doing in {city} at noon",
             "how chilly is {city} after dark",
+            "how warm or chilly is {city} right now",
+            "is it wet or dry in {city} today",
+            "is {city} windy or calm tonight",
+            "how rainy or dry is {city} this month",
+            "sunny or grey in {city} and how warm",
+            "is {city} or the coast near it warmer",
         ),
         (
             "give me the weather in {city}",
@@ -132,6 +138,10 @@ COMPOSED_REQUESTS = {
             "look up {city} and tell me the temperature",
             "find the weather for {city} at dawn",
             "see if {city} has sunshine this morning",
+            "tell me if {city} is warm or cool now",
+            "check whether it is wet or dry in {city} tonight",
+            "find out how mild or chilly {city} feels",
+            "look up {city} now and say if it is sunny",
         ),
     ),
     "convert_currency": (
@@ -146,6 +156,9 @@ COMPOSED_REQUESTS = {
             "roughly how much is {amount} {src} in {dst} right now",
             "if I have {amount} {src}, what is that in {dst}",
             "{amount} {src} is worth how many {dst} today",
+            "after trading {amount} {src}, what number of {dst} will I have",
+            "if I sell {amount} {src}, what amount of {dst} comes back",
+            "how many {dst} are {amount} {src}",
         ),
         (
             "exchange {amount} {src} to {dst}",
@@ -158,6 +171,8 @@ COMPOSED_REQUESTS = {
             "calculate {amount} {src} in {dst}",
             "show {amount} {src} as {dst}",
             "convert my {amount} {src} over to {dst} before the trip",
+            "get me {dst} for my {amount} {src}",
+            "trade {amount} {src}, paying me in {dst}",
         ),
     ),
     "calculate": (
@@ -259,6 +274,9 @@ PLACE_DRILLS = (
     ("My aunt moved to {s} with her cats. Where does she live now?", "She lives in {s}."),
     ("Is {s} near the sea? Just give me the place name.", "{s}"),
     ("Put {s} in a JSON object under city, please.", '{{"city": "{s}"}}'),
+    ("Sunny or not, {s} is lovely now. Which town do I love?", "You love {s}."),
+    ("Was it {s} or somewhere else? Answer with the town only.", "{s}"),
+    ("{s} and its old bridge are famous. Name the place.", "{s}"),
 )
 _ONSETS = "b c d f g h j k l m n p r s t v w z br ch dr gr kr pl sh st tr th".split()
 _VOWELS = "a e i o u a e i o ai ou ia".split()
@@ -356,7 +374,7 @@ def _question(rng: random.Random, tool: str, phrasings: tuple[str, ...], value: 
 def _training_value(rng: random.Random, tool: str) -> Any:
     if tool == "get_weather":
         # mostly invented: a catalogue city can be recalled, an invented one must be copied
-        return rng.choice(TRAIN_CITIES) if rng.random() < 0.3 else invented_place(rng)
+        return rng.choice(TRAIN_CITIES) if rng.random() < 0.25 else invented_place(rng)
     if tool == "convert_currency":
         return training_number(rng, rng.choice((1, 2, 3, 3, 4, 4)))
     return training_number(rng, rng.choice((1, 2, 3, 4))), training_number(rng, 2)
@@ -407,9 +425,9 @@ def _exchange(rng: random.Random, kind: str) -> list[Message]:
 # model copied unseen city names worst); currency has the most to learn besides copying
 # (names -> ISO codes); small talk only needs to keep "no tool" alive.
 KIND_WEIGHTS = {
-    "get_weather": 0.38,
+    "get_weather": 0.40,
     "convert_currency": 0.24,
-    "calculate": 0.14,
+    "calculate": 0.12,
     "echo": 0.20,
     "small_talk": 0.04,
 }
