@@ -655,7 +655,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument("--seed", type=int, default=0)
     ex = sub.add_parser("export", help="write the Kimi-K2-format checkpoint (CPU)")
     ex.add_argument("--data", required=True)
-    ex.add_argument("--weights", required=True, help="folder with the train step's outputs")
+    ex.add_argument(
+        "--weights",
+        required=True,
+        nargs="+",
+        help="folder with the train step's outputs (several: their weights' uniform average)",
+    )
     ex.add_argument("--out", required=True)
     ex.add_argument(
         "--report",
@@ -669,8 +674,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.step == "train":
         train(args)
-    else:
-        _kimi_trt_step(args.step)(args)
+        return
+    step = _kimi_trt_step(args.step)
+    from kimi_trt.errors import UserError
+
+    try:
+        step(args)
+    except UserError as e:  # a wrong folder or file: one line, no traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -395,6 +395,28 @@ def test_export_rejects_missing_weights(tmp_path):
         tiny_model.read_trained_state(tmp_path)
 
 
+def test_export_averages_several_train_outputs(tmp_path):
+    """`export --weights A B` ships the element-wise mean of the train outputs (how the
+    phase 4 and phase 5 weights were combined); folders holding different tensors are
+    refused with one line, before anything is written."""
+    from safetensors.torch import save_file
+
+    a = {"w": torch.tensor([[1.0, 2.0]]), "bias": torch.tensor([0.5])}
+    b = {"w": torch.tensor([[3.0, -2.0]]), "bias": torch.tensor([1.5])}
+    mean = tiny_model.average_states([a, b])
+    assert torch.equal(mean["w"], torch.tensor([[2.0, 0.0]]))
+    assert torch.equal(mean["bias"], torch.tensor([1.0]))
+    for name, state in (("a", a), ("other", {"w": a["w"]})):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "weights-00001-of-00001.safetensors"))
+    out = tmp_path / "ckpt"
+    cmd = TRAIN_SCRIPT + ["export", "--data", str(DEFAULT_CHECKPOINT), "--weights",
+                          str(tmp_path / "a"), str(tmp_path / "other"), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and not out.exists(), proc.stderr
+    assert proc.stderr.strip() == "error: export --weights: the folders hold different tensors"
+
+
 def test_expert_layouts_round_trip():
     """Fused experts (transformers 5) <-> Kimi's per-expert names, gate rows first."""
     cfg = tiny_model.tiny_model_config(2304, 2048, layers=2, experts=4)

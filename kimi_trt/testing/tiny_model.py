@@ -264,6 +264,17 @@ def read_trained_state(weights_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of train outputs of one lineage (one continued from the other):
+    phase 5's weights pulled the catalogue names' copies past their end, phase 4's copied
+    held-out names worse, and their average kept most of both (docs/tiny-model.md)."""
+    names = set(states[0])
+    for other in states[1:]:
+        if set(other) != names or any(other[k].shape != states[0][k].shape for k in names):
+            raise CheckpointError("export --weights: the folders hold different tensors")
+    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+
+
 def hf_named_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """transformers' in-memory names -> Kimi-K2's per-expert checkpoint names.
 
@@ -417,7 +428,7 @@ def export(args) -> None:
     """Write the checkpoint into args.out and report how close it is to the float model."""
     data, out = Path(args.data), Path(args.out)
     cfg = load_model_config(data)
-    state = read_trained_state(Path(args.weights))
+    state = average_states([read_trained_state(Path(w)) for w in args.weights])
     total = write_kimi_checkpoint(state, cfg, data / "vocab", out)
     check = compare_with_float(out, state, data / "eval.npz")
     check["checkpoint_bytes"] = total
