@@ -4,7 +4,7 @@ questions in phrasings never seen in training; the model answers with a Kimi too
 comes back as OpenAI `tool_calls` (finish_reason "tool_calls", a declared tool, JSON-object
 arguments), streaming equal to non-streaming; we run the tool, send the result back, and
 the model's final turn is plain content. Some calls must carry exactly the right
-arguments (the shipped CPU-trained model gets 92% of catalogue arguments exactly,
+arguments (the shipped CPU-trained model gets 95% of catalogue arguments exactly,
 bench/results/tiny_model_eval.json; thresholds sit below what the runtime measured on
 these cases)."""
 
