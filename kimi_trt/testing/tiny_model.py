@@ -268,11 +268,15 @@ def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     """The uniform average of train outputs of one lineage (one continued from the other):
     phase 5's weights pulled the catalogue names' copies past their end, phase 4's copied
     held-out names worse, and their average kept most of both (docs/tiny-model.md)."""
-    names = set(states[0])
+    first = states[0]
     for other in states[1:]:
-        if set(other) != names or any(other[k].shape != states[0][k].shape for k in names):
-            raise CheckpointError("export --weights: the folders hold different tensors")
-    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+        for name in sorted(set(first) | set(other)):
+            if name not in first or name not in other or other[name].shape != first[name].shape:
+                raise CheckpointError(
+                    f"export --weights: tensor {name} is absent from one folder or shaped "
+                    "differently (average only train outputs of the same model)"
+                )
+    return {k: sum(s[k] for s in states) / len(states) for k in first}
 
 
 def hf_named_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
