@@ -680,8 +680,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         step(args)
-    except UserError as e:  # a wrong folder or file: one line, no traceback
-        sys.exit(f"error: {e}")
+    except UserError as e:  # a wrong folder or file: one line, the CLI's exit code (2)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
