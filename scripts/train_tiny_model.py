@@ -10,6 +10,7 @@ Three steps, so the expensive one runs where the compute is and needs almost not
                         budget, DeepSeek's aux-loss-free balancing of the router bias, loss on
                         assistant tokens only. Stops by itself inside --minutes (and on
                         SIGTERM), evaluates, and writes bf16 safetensors + train_log.json.
+  score    (GPU or CPU) teacher-forced exact calls of candidate weights on the dev set.
   export   (CPU, here)  trained weights -> a checkpoint laid out exactly like Kimi-K2's
                         (block-FP8 + scales, BF16 embeddings/norms/router, fp32 bias,
                         tokenizer files), verified against transformers on the float weights.
@@ -384,23 +385,28 @@ def teacher_forced_eval(model, eval_path: Path, device, autocast, limit: int = 0
     return out
 
 
-def load_weights(model, weights_dir: Path) -> None:
-    """Start from an earlier train step's weights (`save_weights` output; fresh optimizer and
-    schedule), so training can go on past one run's budget. The data must be tokenised with
-    the same vocabulary (`prepare --vocab-from`); any other mismatch is refused by name."""
+def load_weights(model, weights_dirs: list[Path]) -> None:
+    """Start from earlier train steps' weights (`save_weights` outputs; several: their
+    uniform average, as `export --weights` ships it; fresh optimizer and schedule), so
+    training can go on past one run's budget. The data must be tokenised with the same
+    vocabulary (`prepare --vocab-from`); any other mismatch is refused by name."""
     from safetensors.torch import load_file
 
-    files = sorted(weights_dir.glob("weights-*.safetensors"))
-    if not files:
-        sys.exit(f"error: {weights_dir}: no weights-*.safetensors (a train step's --out)")
-    saved = {k: v for f in files for k, v in load_file(str(f)).items()}
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
-    for name in sorted(set(own) | set(saved)):
-        if name not in saved or name not in own or saved[name].shape != own[name].shape:
-            got = tuple(saved[name].shape) if name in saved else "absent"
-            want = tuple(own[name].shape) if name in own else "absent"
-            sys.exit(f"error: {weights_dir}: tensor {name}: saved {got}, this model {want}")
-    model.load_state_dict({k: saved[k].to(own[k].dtype) for k in own}, strict=False)
+    states = []
+    for weights_dir in weights_dirs:
+        files = sorted(weights_dir.glob("weights-*.safetensors"))
+        if not files:
+            sys.exit(f"error: {weights_dir}: no weights-*.safetensors (a train step's --out)")
+        saved = {k: v for f in files for k, v in load_file(str(f)).items()}
+        for name in sorted(set(own) | set(saved)):
+            if name not in saved or name not in own or saved[name].shape != own[name].shape:
+                got = tuple(saved[name].shape) if name in saved else "absent"
+                want = tuple(own[name].shape) if name in own else "absent"
+                sys.exit(f"error: {weights_dir}: tensor {name}: saved {got}, this model {want}")
+        states.append(saved)
+    mean = {k: sum(s[k].float() for s in states) / len(states) for k in own}
+    model.load_state_dict({k: mean[k].to(own[k].dtype) for k in own}, strict=False)
 
 
 def save_weights(model, out: Path) -> list[str]:
@@ -507,7 +513,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = build_model(hf_config, device, attn, experts).train()
     if args.init_weights:
-        load_weights(model, Path(args.init_weights))
+        load_weights(model, [Path(w) for w in args.init_weights])
     elif args.mirror_head_init:
         mirror_head_init(model)
     if args.compile:
@@ -570,12 +576,28 @@ def _evaluate_and_save(model, data, out, device, autocast, log, step, t0) -> Non
     scores = teacher_forced_eval(
         model, data / "eval.npz", device, autocast, log["args"]["eval_cases"]
     )
+    if (data / "dev.npz").is_file():  # data prepared before dev sets existed has none
+        scores["dev"] = teacher_forced_eval(model, data / "dev.npz", device, autocast)
     log["evals"].append({"t": round(time.time() - t0, 1), "step": step, **scores})
     print("[eval] " + json.dumps(log["evals"][-1]), flush=True)
     log["weights"] = save_weights(model, out)
     biases = [r.e_score_correction_bias.abs().max().item() for r in routers_of(model)]
     log["router_bias_max_abs"] = biases
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
+
+
+def score(args: argparse.Namespace) -> None:
+    """Teacher-forced exact calls of candidate weights (one train output, or the average of
+    several) on a data folder's dev set: the figure to choose a candidate by, so that the
+    eval's held-out values and unseen phrasings stay out of the choice."""
+    device = _device(args.device, args.threads)
+    data = Path(args.data)
+    if not (data / f"{args.set}.npz").is_file():
+        sys.exit(f"error: {data}: no {args.set}.npz (run prepare with this version first)")
+    model = build_model(json.loads((data / "hf_config.json").read_text()), device, "sdpa", None)
+    load_weights(model, [Path(w) for w in args.weights])
+    scores = teacher_forced_eval(model, data / f"{args.set}.npz", device, _autocast_for(device))
+    print(json.dumps({"weights": args.weights, "set": args.set, **scores}))
 
 
 def _kimi_trt_step(name: str):
@@ -636,7 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     tr.add_argument(
         "--init-weights",
-        help="continue from this earlier train --out (same vocabulary; replaces --mirror-head-init)",
+        nargs="+",
+        help="continue from this earlier train --out (several: their average; same "
+        "vocabulary; replaces --mirror-head-init)",
     )
     tr.add_argument(
         "--copy-weight",
@@ -653,6 +677,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the decoder (off by default)"
     )
     tr.add_argument("--seed", type=int, default=0)
+    sc = sub.add_parser(
+        "score", help="teacher-forced exact calls of candidate weights on the dev set"
+    )
+    sc.add_argument("--data", required=True)
+    sc.add_argument(
+        "--weights", required=True, nargs="+", help="train output(s); several: their average"
+    )
+    sc.add_argument("--set", choices=("dev", "eval"), default="dev")
+    sc.add_argument("--device", default="auto")
+    sc.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
     ex = sub.add_parser("export", help="write the Kimi-K2-format checkpoint (CPU)")
     ex.add_argument("--data", required=True)
     ex.add_argument(
@@ -672,8 +706,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.step == "train":
-        train(args)
+    if args.step in ("train", "score"):
+        {"train": train, "score": score}[args.step](args)
         return
     step = _kimi_trt_step(args.step)
     from kimi_trt.errors import UserError

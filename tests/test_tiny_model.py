@@ -24,6 +24,7 @@ from kimi_trt.runtime.tokenizer import KimiTokenizer
 from kimi_trt.testing import tiny_model
 from kimi_trt.testing.tiny_eval import DEFAULT_CHECKPOINT, run_dialogues, summarise
 from kimi_trt.testing.tool_catalogue import (
+    DEV_CITIES,
     HELDOUT_AMOUNTS,
     HELDOUT_CITIES,
     HELDOUT_OPERANDS,
@@ -34,7 +35,10 @@ from kimi_trt.testing.tool_catalogue import (
 )
 from kimi_trt.testing.tool_corpus import (
     COMPOSED_PHRASINGS,
+    DEV_PHRASINGS,
     EVAL_PHRASINGS,
+    TRAIN_PHRASINGS,
+    dev_cases,
     eval_cases,
     training_conversations,
 )
@@ -56,9 +60,10 @@ def test_corpus_is_deterministic_and_never_shows_heldout_values():
     texts = _rendered(3000)
     assert texts == _rendered(3000) and texts[:50] != _rendered(50, seed=1)
     assert HELDOUT_VALUE_COUNT == 100 and not set(HELDOUT_CITIES) & set(TRAIN_CITIES)
+    assert not set(DEV_CITIES) & (set(HELDOUT_CITIES) | set(TRAIN_CITIES))
     corpus = "\n".join(texts)
     words = set(re.findall(r"[A-Za-z]+", corpus))
-    for city in HELDOUT_CITIES:
+    for city in HELDOUT_CITIES + DEV_CITIES:
         assert not set(city.split()) <= words, city
     heldout_numbers = set(HELDOUT_AMOUNTS) | {a for a, _ in HELDOUT_OPERANDS}
     for conv in convs:
@@ -76,20 +81,40 @@ def test_corpus_is_deterministic_and_never_shows_heldout_values():
             assert not any(pattern.fullmatch(u) for u in users), p
 
 
+def _four_grams(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"\{\w+\}|[a-z']+", text.lower())
+    return {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+
+
+def _grams_of(*tables: dict[str, tuple[str, ...]]) -> set[tuple[str, ...]]:
+    return set().union(*(_four_grams(p) for table in tables for ps in table.values() for p in ps))
+
+
 def test_composed_phrasings_share_no_four_words_with_the_eval():
     """The composed training sentences teach the vocabulary of each tool; the eval must still
     see phrasings never seen in training, so no composed sentence shares a run of four
     words (placeholders included) with an eval sentence of any tool."""
-
-    def four_grams(text: str) -> set[tuple[str, ...]]:
-        words = re.findall(r"\{\w+\}|[a-z']+", text.lower())
-        return {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
-
-    eval_grams = set().union(*(four_grams(p) for ps in EVAL_PHRASINGS.values() for p in ps))
+    eval_grams = _grams_of(EVAL_PHRASINGS)
     for tool, phrasings in COMPOSED_PHRASINGS.items():
         assert len(set(phrasings)) == len(phrasings) >= 30, tool
         for p in phrasings:
-            assert not four_grams(p) & eval_grams, p
+            assert not _four_grams(p) & eval_grams, p
+
+
+def test_dev_cases_use_neither_training_nor_eval_phrasings_or_values():
+    """Candidates are chosen on dev_cases, so they must stand apart from the eval (no four
+    words in common with its phrasings, none of its held-out values) and from training
+    (phrasings as above; development cities are refused as invented names, checked in the
+    corpus test)."""
+    seen = _grams_of(EVAL_PHRASINGS, TRAIN_PHRASINGS, COMPOSED_PHRASINGS)
+    for p in (p for ps in DEV_PHRASINGS.values() for p in ps):
+        assert not _four_grams(p) & seen, p
+    cases = dev_cases()
+    assert cases == dev_cases() and len(cases) == 130
+    cities = [c.expected_args["city"] for c in cases if c.split == "dev_cities"]
+    assert cities == DEV_CITIES
+    eval_prompts = {c.messages[0]["content"] for c in eval_cases()}
+    assert not eval_prompts & {c.messages[0]["content"] for c in cases}
 
 
 def test_training_answers_restate_the_tool_result():
@@ -153,11 +178,12 @@ def test_tiny_config_splits_for_tp2_ep2_layouts():
         assert layout_problems(cfg, m) == []
 
 
-def run_script(cmd: list[str], timeout: float) -> None:
+def run_script(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run one of our scripts; on failure the assertion carries the tail of its stderr
     (CI shows only the test's own output, so a bare CalledProcessError would hide why)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +267,9 @@ def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
 
 
 def test_training_continues_from_saved_weights_with_the_same_vocabulary(prepared_data, tmp_path):
-    """`train --init-weights` starts from a previous run's saved weights (refusing a model of
-    other shapes by tensor name), and `prepare --vocab-from` keeps the token ids, so new data
-    can feed a model that goes on training."""
+    """`train --init-weights` starts from a previous run's saved weights, or the average of
+    several (refusing a model of other shapes by tensor name), and `prepare --vocab-from`
+    keeps the token ids, so new data can feed a model that goes on training."""
     train = _train_module()
     hf_config = json.loads((prepared_data / "hf_config.json").read_text())
     cpu = torch.device("cpu")
@@ -252,18 +278,32 @@ def test_training_continues_from_saved_weights_with_the_same_vocabulary(prepared
     train.save_weights(first, tmp_path)
     torch.manual_seed(1)
     second = train.build_model(hf_config, cpu, "sdpa", None)
-    train.load_weights(second, tmp_path)
+    train.load_weights(second, [tmp_path])
+
+    def as_saved(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).float() if t.dim() >= 2 else t.float()
+
     for name, value in second.state_dict().items():
-        saved = first.state_dict()[name]
-        want = saved.to(torch.bfloat16).float() if saved.dim() >= 2 else saved
-        assert torch.equal(value.float(), want.float()), name
+        assert torch.equal(value.float(), as_saved(first.state_dict()[name])), name
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(2)
+    train.save_weights(train.build_model(hf_config, cpu, "sdpa", None), other)
+    third = train.build_model(hf_config, cpu, "sdpa", None)
+    theirs = train.build_model(hf_config, cpu, "sdpa", None)
+    train.load_weights(theirs, [other])
+    train.load_weights(third, [tmp_path, other])
+    for name, value in third.state_dict().items():
+        if not name.endswith("inv_freq"):
+            mean = (as_saved(first.state_dict()[name]) + theirs.state_dict()[name].float()) / 2
+            assert torch.allclose(value.float(), mean), name
     wider = train.build_model(
         {**hf_config, "vocab_size": hf_config["vocab_size"] + 128}, cpu, "sdpa", None
     )
     with pytest.raises(
         SystemExit, match=r"tensor lm_head\.weight: saved \(768, 256\), this model \(896, 256\)"
     ):
-        train.load_weights(wider, tmp_path)
+        train.load_weights(wider, [tmp_path])
 
     data = tmp_path / "more"
     prep = ["prepare", "--out", str(data), "--conversations", "40", "--vocab-from",
@@ -286,6 +326,13 @@ def test_prepare_train_export_round_trip(prepared_data, tmp_path):
     log = json.loads((weights / "train_log.json").read_text())
     assert log["steps"] >= 2 and log["stopped_by"] == "time budget"
     assert set(log["evals"][-1]["exact_call"]) == {"catalogue_unseen_phrasing", "heldout_values"}
+    dev = log["evals"][-1]["dev"]["token_accuracy"]
+    assert set(dev) == {"catalogue_dev_phrasing", "dev_cities"}
+    assert stats["dev_cases"] == {"catalogue_dev_phrasing": 90, "dev_cities": 40}
+    score = ["score", "--data", str(data), "--weights", str(weights)]
+    scored = json.loads(run_script(TRAIN_SCRIPT + score, timeout=120).stdout.splitlines()[-1])
+    for split, accuracy in dev.items():  # the saved bf16 weights score as the trained ones
+        assert abs(scored["token_accuracy"][split] - accuracy) < 0.05, (split, scored)
     state = tiny_model.read_trained_state(weights)
     cfg = load_model_config(data)
     tiny_model.write_kimi_checkpoint(state, cfg, data / "vocab", ckpt)

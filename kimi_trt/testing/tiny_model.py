@@ -39,7 +39,13 @@ from kimi_trt.testing.hf_reference import (
     load_reference_model,
     transformers_config,
 )
-from kimi_trt.testing.tool_corpus import Conversation, eval_cases, training_conversations
+from kimi_trt.testing.tool_corpus import (
+    Conversation,
+    EvalCase,
+    dev_cases,
+    eval_cases,
+    training_conversations,
+)
 
 # Layouts the tiny model must split into (TP4 attention x MoE TP2 x EP2, and the 2-rank ones).
 REQUIRED_LAYOUTS = (Mapping(4, 4, 2, 2), Mapping(2, 2, 1, 2), Mapping(2, 2, 2, 1))
@@ -142,13 +148,15 @@ def _pack(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-def write_eval_set(tok: KimiTokenizer, template: str, out: Path) -> dict[str, int]:
-    """Prompts + the exact expected tool-call turn of every eval case that needs a tool."""
-    names = ["catalogue_unseen_phrasing", "heldout_values"]
+def write_case_set(
+    tok: KimiTokenizer, template: str, cases: list[EvalCase], path: Path
+) -> dict[str, int]:
+    """Prompts + the exact expected tool-call turn of every case that needs a tool (the
+    teacher-forced sets: eval.npz from eval_cases, dev.npz from dev_cases)."""
+    cases = [c for c in cases if c.expected_tool is not None]
+    names = list(dict.fromkeys(c.split for c in cases))
     seqs, starts, splits = [], [], []
-    for case in eval_cases():
-        if case.expected_tool is None:
-            continue
+    for case in cases:
         call = {"name": case.expected_tool, "arguments": json.dumps(case.expected_args)}
         reply = {"role": "assistant", "content": "", "tool_calls": [{"id": "x", "function": call}]}
         prompt = render_chat(case.messages, tools=case.tools, template=template)
@@ -164,7 +172,7 @@ def write_eval_set(tok: KimiTokenizer, template: str, out: Path) -> dict[str, in
         splits.append(names.index(case.split))
     tokens, offsets = _pack(seqs)
     np.savez_compressed(
-        out / "eval.npz",
+        path,
         tokens=tokens.astype(np.int64),
         offsets=offsets,
         completion_starts=np.array(starts),
@@ -236,7 +244,8 @@ def prepare(args) -> None:
     cfg = tiny_model_config(tok.vocab_size, tok.base_vocab_size, args.layers, args.experts)
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     (out / "hf_config.json").write_text(json.dumps(transformers_config_dict(cfg), indent=2))
-    eval_counts = write_eval_set(tok, tok.chat_template, out)
+    eval_counts = write_case_set(tok, tok.chat_template, eval_cases(), out / "eval.npz")
+    dev_counts = write_case_set(tok, tok.chat_template, dev_cases(), out / "dev.npz")
     lengths = np.diff(offsets)
     stats = {
         "conversations": len(convs),
@@ -246,6 +255,7 @@ def prepare(args) -> None:
         "length_max": int(lengths.max()),
         "vocab_size": tok.vocab_size,
         "eval_cases": eval_counts,
+        "dev_cases": dev_counts,
         "seed": args.seed,
     }
     (out / "prepare.json").write_text(json.dumps(stats, indent=2))

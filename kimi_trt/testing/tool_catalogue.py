@@ -68,6 +68,14 @@ Sheffield Aberdeen Cork Fukuoka Incheon Kunming Harbin Surabaya Cebu Pune Jaipur
 Lucknow Multan Isfahan Kochi Nagpur Agra Tabriz Mosul Aden Sanaa Khartoum Mombasa Arusha Windhoek Gaborone
 """.split()
 HELDOUT_CITIES = HELDOUT_CITIES[:60]
+# Real cities kept out of training and out of the eval: a development set for choosing
+# between trained candidates without looking at the held-out values themselves.
+DEV_CITIES = """
+Ostend Leiden Groningen Odense Trondheim Turku Linz Ostrava Lodz Szeged Iasi Plovdiv
+Patras Catania Verona Pisa Cordoba Zaragoza Braga Rennes Lille Bremen Hanover Dortmund
+Freiburg Norwich Exeter Galway Sendai Daegu Xiamen Medan Davao Indore Surat Peshawar
+Shiraz Basra Tangier Kumasi
+""".split()
 
 CURRENCIES: dict[str, tuple[tuple[str, ...], float]] = {
     # code: (names users say, units per US dollar)

@@ -24,6 +24,7 @@ from typing import Any
 
 from kimi_trt.testing.tool_catalogue import (
     CURRENCIES,
+    DEV_CITIES,
     HELDOUT_AMOUNTS,
     HELDOUT_CITIES,
     HELDOUT_NUMBERS,
@@ -120,6 +121,10 @@ COMPOSED_REQUESTS = {
             "how rainy or dry is {city} this month",
             "sunny or grey in {city} and how warm",
             "is {city} or the coast near it warmer",
+            "how warm is it in {city} at this moment",
+            "what's the outlook in {city}",
+            "is it freezing over {city} at this hour",
+            "what's the sky like in {city} at present",
         ),
         (
             "give me the weather in {city}",
@@ -142,6 +147,9 @@ COMPOSED_REQUESTS = {
             "check whether it is wet or dry in {city} tonight",
             "find out how mild or chilly {city} feels",
             "look up {city} now and say if it is sunny",
+            "tell me about the outlook in {city}",
+            "read me the forecast over {city}",
+            "look at the skies above {city} at this moment",
         ),
     ),
     "convert_currency": (
@@ -234,6 +242,27 @@ EVAL_PHRASINGS = {
         "Quick math: {a} {word} {b}",
     ),
 }
+# Phrasings for choosing between trained candidates (dev_cases): in neither training nor the
+# eval, and sharing no four consecutive words with either (tested).
+DEV_PHRASINGS = {
+    "get_weather": (
+        "Give me a weather update for {city}, please.",
+        "What's it doing outside in {city}?",
+        "Will I need a coat in {city} today?",
+        "Tell me how the skies look over {city}.",
+        "Is the weather nice in {city} this afternoon?",
+    ),
+    "convert_currency": (
+        "Work out {amount} {src} expressed in {dst}.",
+        "{amount} {src} would fetch how many {dst}?",
+        "I'd like {amount} {src} converted to {dst}.",
+    ),
+    "calculate": (
+        "Please tell me {a} {word} {b}.",
+        "Which number equals {a} {word} {b}?",
+        "{a} {word} {b}, what's the result?",
+    ),
+}
 ANSWERS = {
     "get_weather": (
         "It is {temperature_c} degrees and {condition} in {city}.",
@@ -314,7 +343,7 @@ def _letter_chain(names: list[str]) -> dict[str, list[str]]:
 
 
 _CHAIN = _letter_chain(TRAIN_CITIES)
-_HELDOUT_WORDS = frozenset(w for c in HELDOUT_CITIES for w in c.split())
+_RESERVED_WORDS = frozenset(w for c in HELDOUT_CITIES + DEV_CITIES for w in c.split())
 
 
 def _syllable_word(rng: random.Random) -> str:
@@ -336,11 +365,11 @@ def _random_word(rng: random.Random) -> str:
 
 def invented_place(rng: random.Random) -> str:
     """A made-up place name (syllables, letter-chain or random letters) that shares no
-    word with a held-out city, so the held-out set stays unseen."""
+    word with a held-out or development city, so both stay unseen."""
     while True:
         make = rng.choices((_syllable_word, _chain_word, _random_word), (0.35, 0.45, 0.2))[0]
         words = [make(rng).capitalize() for _ in range(1 if rng.random() < 0.8 else 2)]
-        if all(len(w) > 2 and w not in _HELDOUT_WORDS for w in words):
+        if all(len(w) > 2 and w not in _RESERVED_WORDS for w in words):
             return " ".join(words)
 
 
@@ -425,10 +454,10 @@ def _exchange(rng: random.Random, kind: str) -> list[Message]:
 # model copied unseen city names worst); currency has the most to learn besides copying
 # (names -> ISO codes); small talk only needs to keep "no tool" alive.
 KIND_WEIGHTS = {
-    "get_weather": 0.40,
-    "convert_currency": 0.24,
-    "calculate": 0.12,
-    "echo": 0.20,
+    "get_weather": 0.42,
+    "convert_currency": 0.22,
+    "calculate": 0.10,
+    "echo": 0.22,
     "small_talk": 0.04,
 }
 HISTORY_SHARE = 0.08  # conversations that carry a previous exchange
@@ -449,34 +478,50 @@ def training_conversations(seed: int, count: int) -> Iterator[Conversation]:
         yield Conversation(messages, tools, kind)
 
 
-def _eval_values(split: str, rng: random.Random) -> list[tuple[str, Any]]:
-    if split == "heldout_values":
-        return (
-            [("get_weather", c) for c in HELDOUT_CITIES]
-            + [("convert_currency", a) for a in HELDOUT_AMOUNTS]
-            + [("calculate", ab) for ab in HELDOUT_OPERANDS]
-        )
+def _catalogue_values(rng: random.Random, count: int) -> list[tuple[str, Any]]:
+    """(tool, value) pairs over the three tools in turn, values drawn from the catalogue."""
     out = []
-    for i in range(200):
+    for i in range(count):
         tool = ("get_weather", "convert_currency", "calculate")[i % 3]
         value = rng.choice(TRAIN_CITIES) if tool == "get_weather" else _training_value(rng, tool)
         out.append((tool, value))
     return out
 
 
+def _tool_cases(
+    rng: random.Random, split: str, values: list[tuple[str, Any]], phrasings: dict
+) -> list[EvalCase]:
+    cases = []
+    for tool, value in values:
+        user, args = _question(rng, tool, phrasings[tool], value)
+        cases.append(EvalCase(split, [{"role": "user", "content": user}], TOOLS, tool, args))
+    return cases
+
+
 def eval_cases(seed: int = 1234) -> list[EvalCase]:
     """Catalogue values with unseen phrasings (200), the 100 held-out values with training
     phrasings, and small talk that must not trigger a tool."""
     rng = random.Random(seed)
-    cases = []
-    for split, phrasings in (
-        ("catalogue_unseen_phrasing", EVAL_PHRASINGS),
-        ("heldout_values", TRAIN_PHRASINGS),
-    ):
-        for tool, value in _eval_values(split, rng):
-            user, args = _question(rng, tool, phrasings[tool], value)
-            msgs = [{"role": "user", "content": user}]
-            cases.append(EvalCase(split, msgs, TOOLS, tool, args))
+    heldout = (
+        [("get_weather", c) for c in HELDOUT_CITIES]
+        + [("convert_currency", a) for a in HELDOUT_AMOUNTS]
+        + [("calculate", ab) for ab in HELDOUT_OPERANDS]
+    )
+    cases = _tool_cases(
+        rng, "catalogue_unseen_phrasing", _catalogue_values(rng, 200), EVAL_PHRASINGS
+    )
+    cases += _tool_cases(rng, "heldout_values", heldout, TRAIN_PHRASINGS)
     for user, _ in SMALL_TALK:
         cases.append(EvalCase("no_tool", [{"role": "user", "content": user}], TOOLS))
     return cases
+
+
+def dev_cases(seed: int = 4321) -> list[EvalCase]:
+    """The eval's two questions asked of values and phrasings the eval never uses: catalogue
+    values with the development phrasings (90) and the 40 development cities with training
+    phrasings. Choosing between trained candidates on these keeps the eval's held-out
+    values and unseen phrasings out of the choice."""
+    rng = random.Random(seed)
+    cities = [("get_weather", c) for c in DEV_CITIES]
+    cases = _tool_cases(rng, "catalogue_dev_phrasing", _catalogue_values(rng, 90), DEV_PHRASINGS)
+    return cases + _tool_cases(rng, "dev_cities", cities, TRAIN_PHRASINGS)
