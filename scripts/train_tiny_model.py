@@ -389,7 +389,8 @@ def load_weights(model, weights_dirs: list[Path]) -> None:
     """Start from earlier train steps' weights (`save_weights` outputs; several: their
     uniform average, as `export --weights` ships it; fresh optimizer and schedule), so
     training can go on past one run's budget. The data must be tokenised with the same
-    vocabulary (`prepare --vocab-from`); any other mismatch is refused by name."""
+    vocabulary (`prepare --vocab-from`); any other mismatch is refused by name. The mean is
+    taken here rather than by kimi_trt's `average_states`: this step runs without kimi_trt."""
     from safetensors.torch import load_file
 
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
@@ -706,8 +707,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.step in ("train", "score"):
-        {"train": train, "score": score}[args.step](args)
+    if args.step == "train":
+        train(args)
+        return
+    if args.step == "score":
+        score(args)
         return
     step = _kimi_trt_step(args.step)
     from kimi_trt.errors import UserError

@@ -276,8 +276,9 @@ def read_trained_state(weights_dir: Path) -> dict[str, torch.Tensor]:
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The uniform average of train outputs of one lineage (one continued from the other):
-    phase 5's weights pulled the catalogue names' copies past their end, phase 4's copied
-    held-out names worse, and their average kept most of both (docs/tiny-model.md)."""
+    a later phase can trade one skill for another (phase 5 copied held-out names better and
+    let catalogue names run on), and the average may keep most of both; which candidate
+    ships is chosen on the development set (`train_tiny_model.py score`)."""
     first = states[0]
     for other in states[1:]:
         for name in sorted(set(first) | set(other)):
