@@ -443,8 +443,8 @@ def test_export_rejects_missing_weights(tmp_path):
 
 
 def test_export_averages_several_train_outputs(tmp_path):
-    """`export --weights A B` ships the element-wise mean of the train outputs (how the
-    shipped weights average phases 6 and 7); folders holding different tensors are
+    """`export --weights A B ...` ships the element-wise mean of the train outputs (how the
+    shipped weights average phases 6, 7 and 8); folders holding different tensors are
     refused with one line naming the tensor, before anything is written."""
     from safetensors.torch import save_file
 
