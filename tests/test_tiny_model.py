@@ -453,6 +453,10 @@ def test_export_averages_several_train_outputs(tmp_path):
     mean = tiny_model.average_states([a, b])
     assert torch.equal(mean["w"], torch.tensor([[2.0, 0.0]]))
     assert torch.equal(mean["bias"], torch.tensor([1.0]))
+    c = {"w": torch.tensor([[-1.0, 3.0]]), "bias": torch.tensor([1.0])}
+    three = tiny_model.average_states([a, b, c])  # uniform, not the mean of (a, b) and c
+    assert torch.equal(three["w"], torch.tensor([[1.0, 1.0]]))
+    assert torch.equal(three["bias"], torch.tensor([1.0]))
     for name, state in (("a", a), ("other", {"w": a["w"]})):
         (tmp_path / name).mkdir()
         save_file(state, str(tmp_path / name / "weights-00001-of-00001.safetensors"))
