@@ -41,8 +41,8 @@ import openai  # noqa: E402
 from kimi_trt.config import Parallelism, WeightFormats  # noqa: E402
 from kimi_trt.convert.converter import run_conversion  # noqa: E402
 from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
-from kimi_trt.runtime.triton_repo import write_triton_repo  # noqa: E402
-from kimi_trt.runtime.triton_server import TritonServer, free_port  # noqa: E402
+from kimi_trt.serving.triton_repo import write_triton_repo  # noqa: E402
+from kimi_trt.serving.triton_server import TritonServer, free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "serve.json"
 TOPICS = ["rivers", "tea", "chess", "comets", "bridges", "owls", "jazz", "glaciers"]

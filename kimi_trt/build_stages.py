@@ -13,9 +13,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from kimi_trt.build import (
+from kimi_trt.build_context import (
     ENGINE_MANIFEST,
     STATE_DIR,
+    TOKENIZER_FILES,
     BuildContext,
     copy_file,
     require_clean_output,
@@ -150,8 +151,6 @@ def _engine_files(ctx: BuildContext) -> list[Path]:
 
 def stage_package(ctx: BuildContext) -> StageResult:
     """Copy the tokenizer files and write manifest.json (sha256 of every engine-dir file)."""
-    from kimi_trt.build import TOKENIZER_FILES
-
     tdir = ctx.build.resolved_tokenizer_dir
     copied = [
         copy_file(tdir / n, ctx.out / n, link=False)

@@ -1,6 +1,6 @@
 """`kimi-trt` command line. Each command parses options and calls one stage's function.
 
-Exit codes (DESIGN.md): 0 ok, 2 user error (one line on stderr), 3 missing capability,
+Exit codes (docs/design.md): 0 ok, 2 user error (one line on stderr), 3 missing capability,
 1 internal error. User mistakes never print a traceback.
 """
 
@@ -246,7 +246,7 @@ def run(
     With --json each prompt gives one line:
       {"prompt_tokens": [...], "tokens": [...], "text": "...", "finish_reason": "..."}
     """
-    from kimi_trt.runtime.run_cli import PromptSource, run_command
+    from kimi_trt.run_command import PromptSource, run_command
     from kimi_trt.runtime.sampling import SamplingParams
 
     params = SamplingParams(
@@ -294,7 +294,7 @@ def triton_repo(engine_dir, out, tokenizer_dir, no_streaming, force, **options) 
     streams tokens) and `kimi_sync` (one response per request, for HTTP clients).
     Then: kimi-trt triton-server --model-repository OUT
     """
-    from kimi_trt.runtime.serving.cli_support import triton_repo_command
+    from kimi_trt.serving.cli_support import triton_repo_command
 
     click.echo(
         triton_repo_command(
@@ -321,7 +321,7 @@ def triton_server(repo, host, http_port, grpc_port, metrics_port, log_file) -> N
     Multi-rank engines start in leader mode: one process per rank under mpirun, rank 0
     serves. Runs until interrupted (Ctrl-C / SIGTERM stop it cleanly).
     """
-    from kimi_trt.runtime.serving.cli_support import triton_server_command
+    from kimi_trt.serving.cli_support import triton_server_command
 
     sys.exit(triton_server_command(repo, host, http_port, grpc_port, metrics_port, log_file))
 
@@ -330,7 +330,7 @@ def triton_server(repo, host, http_port, grpc_port, metrics_port, log_file) -> N
 @engine_dir_option()
 def triton_worker(engine_dir) -> None:
     """Rank > 0 of a leader-mode Triton job (started by triton-server)."""
-    from kimi_trt.runtime.serving.cli_support import triton_worker_command
+    from kimi_trt.serving.cli_support import triton_worker_command
 
     triton_worker_command(engine_dir)
 
@@ -359,7 +359,7 @@ def serve(engine_dir, host, port, triton_url, triton_model, model_name, **option
     Tokens come from the runtime in this process (multi-rank: run under mpirun, rank 0
     serves) or, with --triton, from a Triton server holding this engine's repository.
     """
-    from kimi_trt.runtime.openai_server import serve as run_server
+    from kimi_trt.serving.openai_server import serve as run_server
 
     run_server(engine_dir, host, port, triton_url, triton_model, model_name, **options)
 

@@ -1,6 +1,6 @@
 """Typed configuration: the HF model config and the YAML build config.
 
-DESIGN.md principle 5: the HF `config.json` and a build YAML resolve into frozen, typed
+docs/design.md principle 5: the HF `config.json` and a build YAML resolve into frozen, typed
 objects before anything heavy runs. `ModelConfig` holds every field of Kimi-K2's
 config.json plus the values derived from them (softmax scale with YaRN mscale, YaRN
 inverse frequencies, which layers are dense/MoE, which are MTP and skipped) so no other

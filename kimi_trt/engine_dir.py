@@ -1,4 +1,6 @@
-"""The engine dir `kimi-trt build` leaves: recognising and describing it (for `kimi-trt inspect`).
+"""The engine dir `kimi-trt build` leaves: its layout, and recognising one.
+
+(`kimi_trt.inspect` describes it; this module stays below every reader of engine dirs.)
 
 Layout (written by kimi_trt.build_stages):
     config.json          backend trtllm: TensorRT-LLM's engine config (version,
@@ -22,7 +24,7 @@ from typing import Any
 
 ENGINE_FORMAT = "kimi_trt.engine_dir"
 MANIFEST = "manifest.json"
-_ENGINE_FILE = re.compile(r"rank(\d+)\.engine")
+ENGINE_FILE = re.compile(r"rank(\d+)\.engine")
 
 
 def read_engine_manifest(path: Path) -> dict[str, Any] | None:
@@ -40,55 +42,5 @@ def read_engine_manifest(path: Path) -> dict[str, Any] | None:
 def is_engine_dir(path: Path) -> bool:
     path = Path(path)
     return read_engine_manifest(path) is not None or any(
-        _ENGINE_FILE.fullmatch(p.name) for p in path.glob("rank*.engine")
+        ENGINE_FILE.fullmatch(p.name) for p in path.glob("rank*.engine")
     )
-
-
-def _engines(path: Path) -> list[dict[str, Any]]:
-    found = sorted(
-        (int(m.group(1)), p)
-        for p in path.glob("rank*.engine")
-        if (m := _ENGINE_FILE.fullmatch(p.name))
-    )
-    return [{"file": p.name, "bytes": p.stat().st_size} for _, p in found]
-
-
-def describe_engine_dir(path: Path) -> dict[str, Any]:
-    """Backend, layout, formats, limits, files; per-rank tensor bytes for torch engine dirs."""
-    path = Path(path)
-    m = read_engine_manifest(path) or {}
-    info: dict[str, Any] = {
-        "kind": "engine_dir",
-        "path": str(path),
-        "complete": bool(m),
-        "backend": m.get("backend", "trtllm"),
-        "gpu": m.get("gpu"),
-        "world_size": m.get("world_size"),
-        "weight_formats": m.get("weight_formats"),
-        "limits": m.get("limits"),
-        "kv_cache_dtype": m.get("kv_cache_dtype"),
-        "tokenizer_files": m.get("tokenizer_files", []),
-        "build_config_hash": m.get("build_config_hash"),
-    }
-    if info["backend"] == "torch":
-        from kimi_trt.inspect import describe_rank_checkpoint
-
-        ckpt = describe_rank_checkpoint(path)
-        info.update(
-            world_size=ckpt["world_size"],
-            bytes=ckpt["bytes"],
-            bytes_by_class=ckpt["bytes_by_class"],
-            ranks=ckpt["ranks"],
-        )
-    else:
-        engines = _engines(path)
-        cfg_path = path / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        mapping = cfg.get("pretrained_config", {}).get("mapping", {})
-        info.update(
-            world_size=info["world_size"] or mapping.get("world_size"),
-            trtllm_version=cfg.get("version"),
-            bytes=sum(e["bytes"] for e in engines),
-            engines=engines,
-        )
-    return info

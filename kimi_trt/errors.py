@@ -1,4 +1,4 @@
-"""Error types that map to the CLI's exit codes (DESIGN.md: 2 user error, 3 missing capability).
+"""Error types that map to the CLI's exit codes (docs/design.md: 2 user error, 3 missing capability).
 
 Every stage raises these with a one-line message that names the file, tensor or key and
 what was expected; `kimi_trt.cli` turns them into that line on stderr and the exit code,

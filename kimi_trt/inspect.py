@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from kimi_trt.config import load_model_config
 from kimi_trt.convert.hf_layout import hf_tensors
+from kimi_trt.engine_dir import ENGINE_FILE, is_engine_dir, read_engine_manifest
 from kimi_trt.errors import CheckpointError, ConfigError
 
 _ST_BYTES = {
@@ -151,12 +152,59 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
+def _engines(path: Path) -> list[dict[str, Any]]:
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in path.glob("rank*.engine")
+        if (m := ENGINE_FILE.fullmatch(p.name))
+    )
+    return [{"file": p.name, "bytes": p.stat().st_size} for _, p in found]
+
+
+def describe_engine_dir(path: Path) -> dict[str, Any]:
+    """Backend, layout, formats, limits, files; per-rank tensor bytes for torch engine dirs."""
+    path = Path(path)
+    m = read_engine_manifest(path) or {}
+    info: dict[str, Any] = {
+        "kind": "engine_dir",
+        "path": str(path),
+        "complete": bool(m),
+        "backend": m.get("backend", "trtllm"),
+        "gpu": m.get("gpu"),
+        "world_size": m.get("world_size"),
+        "weight_formats": m.get("weight_formats"),
+        "limits": m.get("limits"),
+        "kv_cache_dtype": m.get("kv_cache_dtype"),
+        "tokenizer_files": m.get("tokenizer_files", []),
+        "build_config_hash": m.get("build_config_hash"),
+    }
+    if info["backend"] == "torch":
+        ckpt = describe_rank_checkpoint(path)
+        info.update(
+            world_size=ckpt["world_size"],
+            bytes=ckpt["bytes"],
+            bytes_by_class=ckpt["bytes_by_class"],
+            ranks=ckpt["ranks"],
+        )
+    else:
+        engines = _engines(path)
+        cfg_path = path / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        mapping = cfg.get("pretrained_config", {}).get("mapping", {})
+        info.update(
+            world_size=info["world_size"] or mapping.get("world_size"),
+            trtllm_version=cfg.get("version"),
+            bytes=sum(e["bytes"] for e in engines),
+            engines=engines,
+        )
+    return info
+
+
 def describe(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint
-    from kimi_trt.engine_dir import describe_engine_dir, is_engine_dir
 
     if is_engine_dir(path):
         return describe_engine_dir(path)

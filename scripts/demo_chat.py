@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
+from kimi_trt.chat.tool_parser import parse_tool_call_ids
 from kimi_trt.runtime.engine import load_engine
 from kimi_trt.runtime.failure import run_this_rank
 from kimi_trt.runtime.sampling import SamplingParams
-from kimi_trt.runtime.tool_parser import parse_tool_call_ids
-from kimi_trt.testing.tool_catalogue import TOOLS, ToolArgumentError, run_tool
+from kimi_trt.tinymodel.catalogue import TOOLS, ToolArgumentError, run_tool
 
 DEFAULT_QUESTIONS = (
     "What's the weather like in Paris?",

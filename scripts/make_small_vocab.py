@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from kimi_trt.runtime.bpe_trainer import builtin_corpus, train_bpe, write_vocab_dir
+from kimi_trt.chat.bpe_trainer import builtin_corpus, train_bpe, write_vocab_dir
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

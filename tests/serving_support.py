@@ -19,11 +19,11 @@ from pathlib import Path
 
 import httpx
 
+from kimi_trt.chat.tokenizer import KimiTokenizer
 from kimi_trt.config import Parallelism, WeightFormats
 from kimi_trt.convert.converter import run_conversion
 from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint
-from kimi_trt.runtime.tokenizer import KimiTokenizer
-from kimi_trt.runtime.triton_server import die_with_parent
+from kimi_trt.serving.triton_server import die_with_parent
 from kimi_trt.testing.scripted_model import script_checkpoint, tool_call_script
 from tests.runtime_support import free_port, mpi_env, mpirun
 

@@ -11,14 +11,14 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from kimi_trt.errors import ConfigError, UserError
-from kimi_trt.runtime.chat_template import (
+from kimi_trt.chat.template import (
     DEFAULT_CHAT_TEMPLATE,
     normalize_tool_call_ids,
     render_chat,
 )
-from kimi_trt.runtime.tokenizer import KimiTokenizer
-from kimi_trt.runtime.tool_parser import parse_tool_calls
+from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.chat.tool_parser import parse_tool_calls
+from kimi_trt.errors import ConfigError, UserError
 
 WEATHER_TOOL = {
     "type": "function",

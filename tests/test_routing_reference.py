@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-from kimi_trt.plugins.routing import RouterParams, check_router_params, route, route_noaux_tc
+from kimi_trt.plugins.router import route
+from kimi_trt.plugins.routing import RouterParams, check_router_params, route_noaux_tc
 from kimi_trt.testing.routing_spec import (
     adversarial_cases,
     float32_choice_scores,

@@ -9,8 +9,8 @@ import json
 import openai
 import pytest
 
-from kimi_trt.runtime.triton_repo import write_triton_repo
-from kimi_trt.runtime.triton_server import TritonServer
+from kimi_trt.serving.triton_repo import write_triton_repo
+from kimi_trt.serving.triton_server import TritonServer
 from tests.serving_support import (
     ARGUMENTS,
     MESSAGES,

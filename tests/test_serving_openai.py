@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from kimi_trt.runtime.serving.anthropic_api import _arguments, sampler_temperature
-from kimi_trt.runtime.tokenizer import KimiTokenizer
+from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.serving.anthropic_api import _arguments, sampler_temperature
 from tests.serving_support import (
     ARGUMENTS,
     CONTENT,

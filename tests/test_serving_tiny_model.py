@@ -19,8 +19,8 @@ import pytest
 
 from kimi_trt.config import Parallelism, WeightFormats
 from kimi_trt.convert.converter import run_conversion
-from kimi_trt.testing.tool_catalogue import TOOL_NAMES, TOOLS, ToolArgumentError, run_tool
-from kimi_trt.testing.tool_corpus import eval_cases
+from kimi_trt.tinymodel.catalogue import TOOL_NAMES, TOOLS, ToolArgumentError, run_tool
+from kimi_trt.tinymodel.corpus import eval_cases
 from tests.serving_support import api_server
 
 TINY = Path(__file__).resolve().parent.parent / "kimi_trt" / "assets" / "tiny-kimi"

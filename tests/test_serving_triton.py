@@ -21,9 +21,9 @@ import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from kimi_trt.runtime.tokenizer import KimiTokenizer
-from kimi_trt.runtime.triton_repo import write_triton_repo
-from kimi_trt.runtime.triton_server import ServerPorts, TritonServer, leader_mode_command
+from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.serving.triton_repo import write_triton_repo
+from kimi_trt.serving.triton_server import ServerPorts, TritonServer, leader_mode_command
 from tests.conftest import cli_env
 from tests.serving_support import (
     ARGUMENTS,
@@ -429,8 +429,8 @@ def test_api_backend_inputs_match_the_repository(tmp_path, kind, request):
     """What `kimi-trt serve --triton` sends fits the generated model's inputs (name, type,
     shape), for the tensorrt_llm model too, which cannot run on this machine."""
     from kimi_trt.runtime.sampling import SamplingParams
-    from kimi_trt.runtime.serving.backends import TritonBackend
-    from kimi_trt.runtime.triton_repo import summarize_engine
+    from kimi_trt.serving.backends import TritonBackend
+    from kimi_trt.serving.repo_spec import summarize_engine
 
     if kind == "trtllm":
         engine = fake_trtllm_engine(tmp_path / "engine", 1)
@@ -463,7 +463,7 @@ def test_api_backend_inputs_match_the_repository(tmp_path, kind, request):
     ],
 )
 def test_serving_cli_user_errors(engine_dir, tmp_path, args, message):
-    from kimi_trt.runtime.triton_server import free_port
+    from kimi_trt.serving.triton_server import free_port
 
     values = {"missing": tmp_path / "missing", "engine": engine_dir, "port": free_port()}
     cmd = [sys.executable, "-m", "kimi_trt.cli", *(a.format(**values) for a in args)]
@@ -474,7 +474,7 @@ def test_serving_cli_user_errors(engine_dir, tmp_path, args, message):
 
 def test_triton_server_command_stops_cleanly(engine_dir, tmp_path):
     """`kimi-trt triton-server` serves until SIGTERM, then takes tritonserver down with it."""
-    from kimi_trt.runtime.triton_server import free_port
+    from kimi_trt.serving.triton_server import free_port
 
     write_triton_repo(engine_dir, tmp_path / "repo")
     http = free_port()

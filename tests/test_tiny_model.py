@@ -4,7 +4,6 @@ eval's judging, and (when committed) the trained asset itself."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import subprocess
@@ -15,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from kimi_trt.chat.kimi_format import ARGUMENT_BEGIN, CALL_END
+from kimi_trt.chat.template import render_chat
+from kimi_trt.chat.tokenizer import KimiTokenizer
 from kimi_trt.config import load_model_config
 from kimi_trt.convert.fp8 import FP8_DTYPE
 from kimi_trt.mapping import layout_problems
-from kimi_trt.runtime.chat_template import render_chat
-from kimi_trt.runtime.kimi_format import ARGUMENT_BEGIN, CALL_END
-from kimi_trt.runtime.tokenizer import KimiTokenizer
-from kimi_trt.testing import tiny_model
-from kimi_trt.testing.tiny_eval import DEFAULT_CHECKPOINT, run_dialogues, summarise
-from kimi_trt.testing.tool_catalogue import (
+from kimi_trt.tinymodel import export, prepare, train
+from kimi_trt.tinymodel.batches import Corpus
+from kimi_trt.tinymodel.catalogue import (
     DEV_CITIES,
     HELDOUT_AMOUNTS,
     HELDOUT_CITIES,
@@ -33,7 +32,7 @@ from kimi_trt.testing.tool_catalogue import (
     ToolArgumentError,
     run_tool,
 )
-from kimi_trt.testing.tool_corpus import (
+from kimi_trt.tinymodel.corpus import (
     COMPOSED_PHRASINGS,
     DEV_PHRASINGS,
     EVAL_PHRASINGS,
@@ -42,6 +41,7 @@ from kimi_trt.testing.tool_corpus import (
     eval_cases,
     training_conversations,
 )
+from kimi_trt.tinymodel.dialogues import DEFAULT_CHECKPOINT, run_dialogues, summarise
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = [sys.executable, str(REPO / "scripts" / "train_tiny_model.py")]
@@ -157,7 +157,7 @@ def test_tool_rejects_what_a_model_may_emit_with_one_error_type(name, args):
 def test_loss_mask_covers_exactly_the_assistant_turns():
     tok = KimiTokenizer.from_dir(SMALL_VOCAB)
     for conv in training_conversations(5, 40):
-        ids, mask = tiny_model.conversation_ids(conv, tok, tok.chat_template)
+        ids, mask = prepare.conversation_ids(conv, tok, tok.chat_template)
         full = render_chat(conv.messages, tools=conv.tools, add_generation_prompt=False)
         assert tok.decode(ids) == full
         target = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
@@ -171,10 +171,10 @@ def test_loss_mask_covers_exactly_the_assistant_turns():
 
 
 def test_tiny_config_splits_for_tp2_ep2_layouts():
-    cfg = tiny_model.tiny_model_config(2304, 2048, layers=4, experts=8)
+    cfg = prepare.tiny_model_config(2304, 2048, layers=4, experts=8)
     assert cfg.hidden_size % 128 == 0 and cfg.layer_kinds[0] == "dense"
     assert cfg.rope_scaling is not None and list(cfg.weight_block_size) == [128, 128]
-    for m in tiny_model.REQUIRED_LAYOUTS:
+    for m in prepare.REQUIRED_LAYOUTS:
         assert layout_problems(cfg, m) == []
 
 
@@ -196,18 +196,10 @@ def prepared_data(tmp_path_factory) -> Path:
     return data
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_tiny_model", TRAIN_SCRIPT[1])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_shared_prefix_training_equals_full_sequences(prepared_data):
     """Running the common tool-declaration prefix once per batch must give the loss and the
     gradients of running every conversation whole (it is only a speed-up)."""
-    train = _train_module()
-    corpus = train.Corpus(prepared_data / "corpus.npz")
+    corpus = Corpus(prepared_data / "corpus.npz")
     assert max(len(p) for p in corpus.prefixes) > 100  # the tool declaration is shared
     hf_config = json.loads((prepared_data / "hf_config.json").read_text())
     torch.manual_seed(0)
@@ -241,8 +233,7 @@ def test_copy_weights_mark_values_shown_earlier_in_the_dialogue(prepared_data):
     """Weighted targets are exactly the assistant tokens that already appeared outside an
     assistant turn earlier in the same conversation (and not in the shared prefix), and the
     targets inside a tool call's arguments up to and including its end marker."""
-    train = _train_module()
-    corpus = train.Corpus(prepared_data / "corpus.npz")
+    corpus = Corpus(prepared_data / "corpus.npz")
     tok = KimiTokenizer.from_dir(prepared_data / "vocab")
     begin, end = (tok.special_ids[marker] for marker in (ARGUMENT_BEGIN, CALL_END))
     weighted = in_calls = 0
@@ -270,7 +261,6 @@ def test_training_continues_from_saved_weights_with_the_same_vocabulary(prepared
     """`train --init-weights` starts from a previous run's saved weights, or the average of
     several (refusing a model of other shapes by tensor name), and `prepare --vocab-from`
     keeps the token ids, so new data can feed a model that goes on training."""
-    train = _train_module()
     hf_config = json.loads((prepared_data / "hf_config.json").read_text())
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -309,7 +299,7 @@ def test_training_continues_from_saved_weights_with_the_same_vocabulary(prepared
     prep = ["prepare", "--out", str(data), "--conversations", "40", "--vocab-from",
             str(prepared_data / "vocab"), "--layers", "2", "--experts", "4"]  # fmt: skip
     run_script(TRAIN_SCRIPT + prep, timeout=300)
-    for name in tiny_model.TOKENIZER_FILES:
+    for name in prepare.TOKENIZER_FILES:
         assert (data / "vocab" / name).read_bytes() == (prepared_data / "vocab" / name).read_bytes()
 
 
@@ -333,9 +323,9 @@ def test_prepare_train_export_round_trip(prepared_data, tmp_path):
     scored = json.loads(run_script(TRAIN_SCRIPT + score, timeout=120).stdout.splitlines()[-1])
     for split, accuracy in dev.items():  # the saved bf16 weights score as the trained ones
         assert abs(scored["token_accuracy"][split] - accuracy) < 0.05, (split, scored)
-    state = tiny_model.read_trained_state(weights)
+    state = export.read_trained_state(weights)
     cfg = load_model_config(data)
-    tiny_model.write_kimi_checkpoint(state, cfg, data / "vocab", ckpt)
+    export.write_kimi_checkpoint(state, cfg, data / "vocab", ckpt)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv" in index
     from safetensors import safe_open
@@ -347,7 +337,7 @@ def test_prepare_train_export_round_trip(prepared_data, tmp_path):
         assert f.get_tensor("model.layers.1.mlp.experts.0.gate_proj.weight").dtype == FP8_DTYPE
         bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
     assert bias.abs().max() > 0  # the balancer moved it
-    check = tiny_model.compare_with_float(ckpt, state, data / "eval.npz", stride=60)
+    check = export.compare_with_float(ckpt, state, data / "eval.npz", stride=60)
     assert check["max_weight_error"] < 0.06, check  # e4m3: 3 mantissa bits
     assert check["rel_rms_logit_error"] < 0.1, check  # (argmax ties abound before training)
     assert KimiTokenizer.from_dir(ckpt).vocab_size == cfg.vocab_size
@@ -429,17 +419,17 @@ def test_shipped_tiny_model_calls_tools():
 def test_prepare_writes_compact_uint16_corpus(tmp_path):
     tok = KimiTokenizer.from_dir(SMALL_VOCAB)
     convs = list(training_conversations(7, 30))
-    tokens, offsets, mask = tiny_model.tokenise_corpus(convs, tok)
+    tokens, offsets, mask = prepare.tokenise_corpus(convs, tok)
     assert (
         tokens.dtype == np.uint16 and len(offsets) == 31 and offsets[-1] == len(tokens) == len(mask)
     )
-    first, first_mask = tiny_model.conversation_ids(convs[0], tok, tok.chat_template)
+    first, first_mask = prepare.conversation_ids(convs[0], tok, tok.chat_template)
     assert tokens[: offsets[1]].tolist() == first and mask[: offsets[1]].tolist() == first_mask
 
 
 def test_export_rejects_missing_weights(tmp_path):
     with pytest.raises(Exception, match="no weights"):
-        tiny_model.read_trained_state(tmp_path)
+        export.read_trained_state(tmp_path)
 
 
 def test_export_averages_several_train_outputs(tmp_path):
@@ -450,11 +440,11 @@ def test_export_averages_several_train_outputs(tmp_path):
 
     a = {"w": torch.tensor([[1.0, 2.0]]), "bias": torch.tensor([0.5])}
     b = {"w": torch.tensor([[3.0, -2.0]]), "bias": torch.tensor([1.5])}
-    mean = tiny_model.average_states([a, b])
+    mean = export.average_states([a, b])
     assert torch.equal(mean["w"], torch.tensor([[2.0, 0.0]]))
     assert torch.equal(mean["bias"], torch.tensor([1.0]))
     c = {"w": torch.tensor([[-1.0, 3.0]]), "bias": torch.tensor([1.0])}
-    three = tiny_model.average_states([a, b, c])  # uniform, not the mean of (a, b) and c
+    three = export.average_states([a, b, c])  # uniform, not the mean of (a, b) and c
     assert torch.equal(three["w"], torch.tensor([[1.0, 1.0]]))
     assert torch.equal(three["bias"], torch.tensor([1.0]))
     for name, state in (("a", a), ("other", {"w": a["w"]})):
@@ -471,17 +461,17 @@ def test_export_averages_several_train_outputs(tmp_path):
 
 def test_expert_layouts_round_trip():
     """Fused experts (transformers 5) <-> Kimi's per-expert names, gate rows first."""
-    cfg = tiny_model.tiny_model_config(2304, 2048, layers=2, experts=4)
+    cfg = prepare.tiny_model_config(2304, 2048, layers=2, experts=4)
     e, inter, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
     fused = {
         "model.layers.1.mlp.experts.gate_up_proj": torch.randn(e, 2 * inter, h),
         "model.layers.1.mlp.experts.down_proj": torch.randn(e, h, inter),
     }
-    named = tiny_model.hf_named_state(fused, cfg)
+    named = export.hf_named_state(fused, cfg)
     gate_up = fused["model.layers.1.mlp.experts.gate_up_proj"]
     assert torch.equal(named["model.layers.1.mlp.experts.2.gate_proj.weight"], gate_up[2, :inter])
     assert torch.equal(named["model.layers.1.mlp.experts.2.up_proj.weight"], gate_up[2, inter:])
-    back = tiny_model.fused_experts_state(named, cfg)
+    back = export.fused_experts_state(named, cfg)
     assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
 
 

@@ -13,23 +13,23 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kimi_trt.convert.synth import preset_config
-from kimi_trt.errors import CheckpointError, ConfigError, UserError
-from kimi_trt.runtime.bpe_trainer import (
+from kimi_trt.chat.bpe_trainer import (
     builtin_corpus,
     tiktoken_file_text,
     tokenizer_config,
     train_bpe,
     write_vocab_dir,
 )
-from kimi_trt.runtime.chat_template import DEFAULT_CHAT_TEMPLATE
-from kimi_trt.runtime.kimi_format import KIMI_PAT_STR, TOOL_MARKERS
-from kimi_trt.runtime.tokenizer import (
+from kimi_trt.chat.kimi_format import KIMI_PAT_STR, TOOL_MARKERS
+from kimi_trt.chat.template import DEFAULT_CHAT_TEMPLATE
+from kimi_trt.chat.tokenizer import (
     SMALL_VOCAB_DIR,
     KimiTokenizer,
     _split_long_runs,
     read_tiktoken_ranks,
 )
+from kimi_trt.convert.synth import preset_config
+from kimi_trt.errors import CheckpointError, ConfigError, UserError
 from tests.conftest import K2_CONFIG, REPO, cli_env
 
 # The ids Kimi-K2's tokenizer_config.json documents (../shared/reference/kimi-k2.md).

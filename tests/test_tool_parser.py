@@ -10,26 +10,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     ARGUMENT_BEGIN as A,
 )
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     CALL_BEGIN as B,
 )
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     CALL_END as E,
 )
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     SECTION_BEGIN as SB,
 )
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     SECTION_END as SE,
 )
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     TOOL_MARKERS,
 )
-from kimi_trt.runtime.tokenizer import KimiTokenizer
-from kimi_trt.runtime.tool_parser import (
+from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.chat.tool_parser import (
     ContentDelta,
     StreamingToolCallParser,
     ToolCallArgumentsDelta,

@@ -1,6 +1,6 @@
 """`kimi-trt convert`: HF checkpoint -> per-rank checkpoint directory, resumable and verified.
 
-Order of work (DESIGN.md "validate before touching weights"): model config, layout check
+Order of work (docs/design.md "validate before touching weights"): model config, layout check
 (divisibility, FP8 block alignment), every shard's header against the expected tensor
 list, the FP8 scales' values, the output directory (refusing another model's files) -
 and only then the weights, rank by rank, in parallel threads. Rank files already

@@ -1,6 +1,6 @@
 """THE weight table: every HF tensor -> per-rank target, shard rule and transform.
 
-DESIGN.md principle 1. `LAYER_RULES` and `GLOBAL_RULES` are plain data: each `Rule`
+docs/design.md principle 1. `LAYER_RULES` and `GLOBAL_RULES` are plain data: each `Rule`
 names its target (TensorRT-LLM DeepSeek-V2 engine-checkpoint names, see
 docs/per-rank-checkpoint.md), its HF source tensors, its tensor class, how it is split
 over ranks and which named transform builds it. Everything else is derived from the

@@ -172,27 +172,3 @@ def route_noaux_tc(
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + NORM_EPS)
     return ids.to(torch.int32), weights * routed_scaling_factor
-
-
-def route(
-    logits: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    routed_scaling_factor: float,
-    norm_topk_prob: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher: the Triton kernel for CUDA tensors, the torch reference otherwise.
-
-    Same arguments and results as `route_noaux_tc` (the kernel agrees with it id for id).
-    """
-    params = RouterParams(
-        top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
-    ).kwargs()
-    if logits.is_cuda:
-        from kimi_trt.plugins import routing_triton  # imports triton; CUDA hosts only
-
-        return routing_triton.route_triton(logits, bias, **params)
-    return route_noaux_tc(logits, bias, **params)

@@ -14,7 +14,6 @@ there and leaves the workers waiting for the next command.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from kimi_trt.runtime.launch import (
     detect_rank_info,
     init_process_groups,
 )
+from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
 from kimi_trt.runtime.sampling import SamplingParams
 
 DEFAULT_MAX_BATCH = 8
@@ -103,7 +103,7 @@ def override_limits(limits: Limits, max_batch_size: int | None, max_seq_len: int
 
 def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None):
     """`tokenizer_dir`'s KimiTokenizer, else the engine dir's (or its tokenizer/), else None."""
-    from kimi_trt.runtime.tokenizer import KimiTokenizer
+    from kimi_trt.chat.tokenizer import KimiTokenizer
 
     if tokenizer_dir is not None:
         return KimiTokenizer.from_dir(tokenizer_dir)
@@ -155,52 +155,6 @@ def load_engine(
     executor = TorchExecutor(cfg, rt.comm, dtype, limits.max_seq_len, progress=progress)
     rt.comm.barrier()  # ranks load at different speeds; wait without the collective timeout
     return Engine(rt, executor, limits, tokenizer)
-
-
-def check_prompts(
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    vocab_size: int,
-    max_input_len: int,
-    max_seq_len: int,
-) -> None:
-    """UserError naming the first prompt an engine with these limits cannot run."""
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        if len(p) == 0:
-            raise UserError(f"prompt {i} is empty")
-        if len(p) > max_input_len:
-            raise UserError(
-                f"prompt {i} has {len(p)} tokens; this engine accepts at most {max_input_len}"
-            )
-        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab_size)]
-        if bad:
-            raise UserError(
-                f"prompt {i}: token id {bad[0]!r} outside the vocabulary 0..{vocab_size - 1}"
-            )
-        if len(p) >= max_seq_len and sp.max_new_tokens > 0:
-            raise UserError(f"prompt {i} leaves no room to generate (max_seq_len {max_seq_len})")
-
-
-def sampling_params_list(
-    prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None
-) -> list[SamplingParams]:
-    """One SamplingParams per prompt: None -> defaults, one -> shared by all, a list -> as is."""
-    if params is None:
-        params = SamplingParams()
-    if isinstance(params, SamplingParams):
-        return [params] * len(prompts)
-    if len(params) != len(prompts):
-        raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
-    return list(params)
-
-
-def default_stop_ids(config_eos: Iterable[int], tokenizer) -> tuple[int, ...]:
-    """Default stop ids: config eos, plus the tokenizer's (<|im_end|>) when present."""
-    ids = list(config_eos)
-    for t in getattr(tokenizer, "eos_token_ids", ()) or ():
-        if t not in ids:
-            ids.append(t)
-    return tuple(ids)
 
 
 class Engine:

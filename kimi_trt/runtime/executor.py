@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kimi_trt.convert.rank_checkpoint import RankCheckpointConfig
-from kimi_trt.plugins.routing import route
+from kimi_trt.plugins.router import route
 from kimi_trt.runtime import layers as L
 from kimi_trt.runtime.comm import Comm
 from kimi_trt.runtime.weights import load_rank_weights

@@ -18,9 +18,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from kimi_trt.errors import ConfigError, MissingCapability
-from kimi_trt.runtime.engine import check_prompts, default_stop_ids, sampling_params_list
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info
+from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
 from kimi_trt.runtime.sampling import SamplingParams
 
 _POLL = timedelta(milliseconds=100)

@@ -1,1 +1,1 @@
-"""Helpers shared by the test suite and benchmarks (independent references, fixtures)."""
+"""Helpers for the test suite and benchmarks only: independent references and fixtures."""

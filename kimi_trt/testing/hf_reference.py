@@ -1,6 +1,6 @@
 """transformers' DeepseekV3ForCausalLM loaded with a checkpoint's dequantised weights.
 
-This is the independent numerical reference (DESIGN.md testing tier 2): it reads the HF
+This is the independent numerical reference (docs/design.md testing tier 2): it reads the HF
 checkpoint directly with safetensors (not through our converter), dequantises block-FP8
 with `fp8.dequantize_block`, and builds transformers' own model, so a bug in our weight
 table or executor cannot hide in the reference.

@@ -22,7 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from kimi_trt.build import STATE_DIR
+from kimi_trt.build_context import STATE_DIR
 from kimi_trt.config import BuildConfig
 from kimi_trt.errors import CheckpointError
 

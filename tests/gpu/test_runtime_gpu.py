@@ -2,7 +2,7 @@
 
 Skipped without CUDA (reason printed by pytest -ra). float32 on the GPU must match the
 CPU reference like the CPU executor does (TF32 off); bfloat16 (the GPU default) within
-bf16 rounding, with the routing running through the Triton kernel (`plugins.routing.route`
+bf16 rounding, with the routing running through the Triton kernel (`plugins.router.route`
 dispatches CUDA tensors there).
 """
 

@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     ARGUMENT_BEGIN,
     CALL_BEGIN,
     CALL_END,
@@ -57,7 +57,7 @@ from kimi_trt.runtime.kimi_format import (
 )
 
 if TYPE_CHECKING:
-    from kimi_trt.runtime.tokenizer import IncrementalDetokenizer, KimiTokenizer
+    from kimi_trt.chat.tokenizer import IncrementalDetokenizer, KimiTokenizer
 
 log = logging.getLogger(__name__)
 

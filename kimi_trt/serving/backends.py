@@ -85,7 +85,7 @@ class InProcessBackend:
     """The runtime's Engine in this process, behind an EngineBatcher."""
 
     def __init__(self, engine, window_s: float = 0.005):
-        from kimi_trt.runtime.serving.batcher import EngineBatcher
+        from kimi_trt.serving.batcher import EngineBatcher
 
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -103,7 +103,7 @@ class InProcessBackend:
         return self.batcher.waiting + self.batcher.running
 
     def submit(self, prompt: list[int], params: SamplingParams) -> TokenStream:
-        from kimi_trt.runtime.serving.batcher import BatchRequest
+        from kimi_trt.serving.batcher import BatchRequest
 
         stream = TokenStream(len(prompt))
 

@@ -17,23 +17,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from kimi_trt.chat.tool_parser import (
+    ContentDelta,
+    ToolCallArgumentsDelta,
+    ToolCallStart,
+)
 from kimi_trt.errors import UserError
 from kimi_trt.runtime.sampling import KIMI_DEFAULT_TEMPERATURE, SamplingParams
-from kimi_trt.runtime.serving.pipeline import (
+from kimi_trt.serving.pipeline import (
     Finish,
     GenerationRequest,
     generate_events,
     generate_output,
 )
-from kimi_trt.runtime.serving.schemas import (
+from kimi_trt.serving.schemas import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-)
-from kimi_trt.runtime.tool_parser import (
-    ContentDelta,
-    ToolCallArgumentsDelta,
-    ToolCallStart,
 )
 
 

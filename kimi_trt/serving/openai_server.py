@@ -28,11 +28,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.serving import anthropic_api, openai_api
-from kimi_trt.runtime.serving.backends import BackendError
-from kimi_trt.runtime.serving.metrics import ServerMetrics
-from kimi_trt.runtime.serving.openai_api import ServerState
-from kimi_trt.runtime.serving.schemas import (
+from kimi_trt.serving import anthropic_api, openai_api
+from kimi_trt.serving.backends import BackendError
+from kimi_trt.serving.metrics import ServerMetrics
+from kimi_trt.serving.openai_api import ServerState
+from kimi_trt.serving.schemas import (
     AnthropicMessagesRequest,
     APIError,
     ChatCompletionRequest,
@@ -205,9 +205,9 @@ def create_app(state: ServerState, on_startup=None, on_shutdown=None):
 
 
 def _triton_backend(engine_dir, triton_url: str, triton_model: str | None):
-    from kimi_trt.runtime.serving.backends import TritonBackend
-    from kimi_trt.runtime.tokenizer import KimiTokenizer
-    from kimi_trt.runtime.triton_repo import summarize_engine
+    from kimi_trt.chat.tokenizer import KimiTokenizer
+    from kimi_trt.serving.backends import TritonBackend
+    from kimi_trt.serving.repo_spec import summarize_engine
 
     summary = summarize_engine(engine_dir)
     if summary.tokenizer_dir is None:
@@ -225,8 +225,9 @@ def _own_triton(engine_dir):
     import shutil
     import tempfile
 
-    from kimi_trt.runtime.triton_repo import summarize_engine, write_triton_repo
-    from kimi_trt.runtime.triton_server import TritonServer
+    from kimi_trt.serving.repo_spec import summarize_engine
+    from kimi_trt.serving.triton_repo import write_triton_repo
+    from kimi_trt.serving.triton_server import TritonServer
 
     summary = summarize_engine(engine_dir)
     work = Path(tempfile.mkdtemp(prefix="kimi_trt_triton_"))
@@ -303,7 +304,7 @@ def serve(
         return
     from kimi_trt.runtime.engine import load_engine
     from kimi_trt.runtime.failure import run_this_rank
-    from kimi_trt.runtime.serving.backends import InProcessBackend
+    from kimi_trt.serving.backends import InProcessBackend
 
     def this_rank() -> int:
         engine = load_engine(engine_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import regex
 
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     KIMI_PAT_STR,
     NON_SKIPPABLE_SPECIALS,
     special_token_table,

@@ -30,15 +30,15 @@ from pathlib import Path
 
 import tiktoken
 
-from kimi_trt.errors import CheckpointError, ConfigError, UserError
-from kimi_trt.runtime.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat
-from kimi_trt.runtime.kimi_format import (
+from kimi_trt.chat.kimi_format import (
     KIMI_PAT_STR,
     NON_SKIPPABLE_SPECIALS,
     NUM_RESERVED_SPECIAL_TOKENS,
     TOOL_MARKERS,
     special_token_table,
 )
+from kimi_trt.chat.template import DEFAULT_CHAT_TEMPLATE, render_chat
+from kimi_trt.errors import CheckpointError, ConfigError, UserError
 
 SMALL_VOCAB_DIR = Path(__file__).resolve().parent.parent / "assets" / "small-vocab"
 

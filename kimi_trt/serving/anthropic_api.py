@@ -20,25 +20,25 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from kimi_trt.runtime.serving.openai_api import (
-    ServerState,
-    chat_prompt,
-    check_model,
-    sampling_params,
-)
-from kimi_trt.runtime.serving.pipeline import (
-    Finish,
-    GenerationRequest,
-    generate_events,
-    generate_output,
-)
-from kimi_trt.runtime.serving.schemas import AnthropicMessagesRequest, APIError
-from kimi_trt.runtime.tool_parser import (
+from kimi_trt.chat.tool_parser import (
     ContentDelta,
     ToolCallArgumentsDelta,
     ToolCallEnd,
     ToolCallStart,
 )
+from kimi_trt.serving.openai_api import (
+    ServerState,
+    chat_prompt,
+    check_model,
+    sampling_params,
+)
+from kimi_trt.serving.pipeline import (
+    Finish,
+    GenerationRequest,
+    generate_events,
+    generate_output,
+)
+from kimi_trt.serving.schemas import AnthropicMessagesRequest, APIError
 
 TEMPERATURE_SCALE = 0.6
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kimi_trt.runtime.tokenizer import KimiTokenizer
-from kimi_trt.runtime.tool_parser import parse_tool_call_ids
-from kimi_trt.testing.tool_catalogue import TOOL_NAMES, ToolArgumentError, run_tool
-from kimi_trt.testing.tool_corpus import EvalCase, eval_cases
+from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.chat.tool_parser import parse_tool_call_ids
+from kimi_trt.tinymodel.catalogue import TOOL_NAMES, ToolArgumentError, run_tool
+from kimi_trt.tinymodel.corpus import EvalCase, eval_cases
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny-kimi"
 MAX_CALL_TOKENS = 48

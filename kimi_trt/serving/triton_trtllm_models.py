@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kimi_trt.errors import UserError
-from kimi_trt.runtime.pbtxt import Enum, string_parameters
-from kimi_trt.runtime.triton_repo import (
+from kimi_trt.serving.pbtxt import Enum, string_parameters
+from kimi_trt.serving.repo_spec import (
     ENSEMBLE_MODEL,
     TRTLLM_MODEL,
     EngineSummary,

@@ -20,7 +20,8 @@ def parse_device_ids(text: str | None) -> tuple[int, ...] | None:
 
 
 def triton_repo_command(engine_dir: Path, out: Path, force: bool, **options: Any) -> str:
-    from kimi_trt.runtime.triton_repo import RepoOptions, write_triton_repo
+    from kimi_trt.serving.repo_spec import RepoOptions
+    from kimi_trt.serving.triton_repo import write_triton_repo
 
     options["gpu_device_ids"] = parse_device_ids(options.get("gpu_device_ids"))
     summary = write_triton_repo(engine_dir, out, RepoOptions(**options), force=force)
@@ -55,8 +56,8 @@ def triton_server_command(
     repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, log_file: Path | None
 ) -> int:
     """Run tritonserver (leader mode under mpirun for multi-rank engines) until it exits."""
-    from kimi_trt.runtime.triton_repo import summarize_engine
-    from kimi_trt.runtime.triton_server import ServerPorts, TritonServer
+    from kimi_trt.serving.repo_spec import summarize_engine
+    from kimi_trt.serving.triton_server import ServerPorts, TritonServer
 
     engine_dir, kind = repo_engine(repo)
     summary = summarize_engine(engine_dir)

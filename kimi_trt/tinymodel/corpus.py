@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kimi_trt.testing.tool_catalogue import (
+from kimi_trt.tinymodel.catalogue import (
     CURRENCIES,
     DEV_CITIES,
     HELDOUT_AMOUNTS,

@@ -18,8 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kimi_trt.runtime.sampling import SamplingParams
-from kimi_trt.runtime.tool_parser import (
+from kimi_trt.chat.tool_parser import (
     ContentDelta,
     ParsedOutput,
     StreamingToolCallParser,
@@ -27,6 +26,7 @@ from kimi_trt.runtime.tool_parser import (
     ToolCallStart,
     collect,
 )
+from kimi_trt.runtime.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

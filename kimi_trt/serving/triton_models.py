@@ -156,7 +156,7 @@ class KimiEngineModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         from kimi_trt.runtime.engine import load_engine
-        from kimi_trt.runtime.serving.batcher import EngineBatcher
+        from kimi_trt.serving.batcher import EngineBatcher
 
         params = _parameters(args)
         if not _pb().using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
@@ -179,7 +179,7 @@ class KimiEngineModel:
         return self.tokenizer.encode(_text(text.reshape(-1)[0]))
 
     def _submit(self, request) -> None:
-        from kimi_trt.runtime.serving.batcher import BatchRequest
+        from kimi_trt.serving.batcher import BatchRequest
 
         streaming = bool(_scalar(request, "streaming", True))
         sender = request.get_response_sender()
@@ -230,7 +230,7 @@ class KimiSyncModel:
 
 
 def _tokenizer(args: dict[str, Any]):
-    from kimi_trt.runtime.tokenizer import KimiTokenizer
+    from kimi_trt.chat.tokenizer import KimiTokenizer
 
     return KimiTokenizer.from_dir(_parameters(args)["tokenizer_dir"])
 

@@ -1,1 +1,0 @@
-"""Serving: request batching over the runtime, OpenAI/Anthropic-compatible HTTP API, Triton models."""
