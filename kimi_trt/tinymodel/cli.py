@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument(
         "--compile", action="store_true", help="torch.compile the decoder (off by default)"
     )
+    tr.add_argument(
+        "--max-steps", type=int, default=0, help="stop after this many steps (0: the budget only)"
+    )
     tr.add_argument("--seed", type=int, default=0)
     sc = sub.add_parser(
         "score", help="teacher-forced exact calls of candidate weights on the dev set"

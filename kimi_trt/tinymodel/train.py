@@ -400,7 +400,8 @@ def train(args: argparse.Namespace) -> None:
     step, tokens_seen, epoch, last_eval = 0, 0, 0, t0
     window = [0, t0]  # tokens and start time of the current logging window
     batches: list[np.ndarray] = []
-    while time.time() < deadline and not stop["flag"]:
+    max_steps = args.max_steps or math.inf
+    while time.time() < deadline and step < max_steps and not stop["flag"]:
         if not batches:
             batches, epoch = corpus.epoch_batches(rng, args.batch_tokens), epoch + 1
         lr = sched(step, time.time())
@@ -423,7 +424,9 @@ def train(args: argparse.Namespace) -> None:
         if now - last_eval >= args.eval_every_s and now + 30 < deadline:
             _evaluate_and_save(model, data, out, device, autocast, log, step, t0)
             last_eval = time.time()
-    log["stopped_by"] = "signal" if stop["flag"] else "time budget"
+    log["stopped_by"] = (
+        "signal" if stop["flag"] else "max steps" if step >= max_steps else "time budget"
+    )
     log["train_seconds"] = round(time.time() - t0, 1)
     log["steps"], log["tokens_seen"] = step, tokens_seen
     log["tokens_per_s"] = round(tokens_seen / max(1e-6, time.time() - t0))
