@@ -31,7 +31,7 @@ from kimi_trt.build_context import (
     StageReport,
     load_context,
 )
-from kimi_trt.build_stages import STAGE_FUNCTIONS
+from kimi_trt.build_stages import STAGE_FUNCTIONS, finish_llmapi
 from kimi_trt.errors import ConfigError, UserError
 
 
@@ -89,17 +89,28 @@ class BuildResult:
         return f"build: {did} ({total:.1f}s); engine dir {self.output_dir}"
 
 
-def run_build(config_path: Path, stop_after: str | None = None, log: Log = print) -> BuildResult:
-    """Run the stages up to `stop_after` (default: all), skipping those that verify."""
+def run_build(
+    config_path: Path,
+    stop_after: str | None = None,
+    log: Log = print,
+    overrides: dict[str, Path | None] | None = None,
+) -> BuildResult:
+    """Run the stages up to `stop_after` (default: all), skipping those that verify.
+
+    A complete backend-llmapi build ends with `finish_llmapi`: TensorRT-LLM's own check of
+    the options where tensorrt_llm is installed, else exit 3 naming the command to run on a
+    GPU host (the engine dir is complete either way)."""
     if stop_after is not None and stop_after not in STAGES:
         raise UserError(f"--stop-after {stop_after!r}: expected one of {', '.join(STAGES)}")
-    ctx = load_context(Path(config_path), log)
+    ctx = load_context(Path(config_path), log, overrides)
     stages = STAGES[: STAGES.index(stop_after) + 1] if stop_after else STAGES
     mpi_rank, mpi_size = _mpi_place()
     if mpi_size > 1:
         return _run_build_mpi(ctx, stages, mpi_rank)
     for stage in stages:
         run_stage(ctx, stage, STAGE_FUNCTIONS[stage])
+    if ctx.build.backend == "llmapi" and stop_after in (None, "package"):
+        finish_llmapi(ctx)
     return BuildResult(ctx.out, ctx.reports)
 
 

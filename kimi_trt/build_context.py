@@ -194,6 +194,7 @@ def stage_keys(build: BuildConfig, model: ModelConfig, tokenizer: list[Path]) ->
         build.kv_cache_dtype,
         build.kv_cache_free_gpu_mem_fraction,
         build.limits.model_dump(mode="json"),
+        build.llm_api.model_dump(mode="json"),
     )
     tok = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tokenizer]
     return {
@@ -204,12 +205,18 @@ def stage_keys(build: BuildConfig, model: ModelConfig, tokenizer: list[Path]) ->
     }
 
 
-def load_context(config_path: Path, log: Log) -> BuildContext:
+def load_context(
+    config_path: Path, log: Log, overrides: dict[str, Path | None] | None = None
+) -> BuildContext:
     """Read the YAML and the checkpoint's config.json (one-line errors for both)."""
-    build = load_build_config(config_path)
+    build = load_build_config(config_path, overrides)
     ckpt = build.checkpoint
     if not ckpt.is_dir():
-        raise CheckpointError(f"{config_path}: checkpoint {ckpt} does not exist")
+        raise CheckpointError(
+            f"{config_path}: checkpoint {ckpt} does not exist (paths in the YAML are relative "
+            "to the YAML's directory): download the Hugging Face checkpoint there "
+            "(moonshotai/Kimi-K2-Instruct for the GPU configs), or pass --checkpoint DIR"
+        )
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: no config.json (is 'checkpoint' an HF checkpoint dir?)")
     if not _source_fingerprint(ckpt):

@@ -154,7 +154,8 @@ def convert(
 @click.option(
     "--model-config",
     type=PATH_TYPE,
-    help="config.json to plan with instead of <checkpoint>/config.json (plan before downloading).",
+    help="config.json to plan with [default: <checkpoint>/config.json, else the shipped "
+    "Kimi-K2-Instruct config].",
 )
 @JSON_OPTION
 def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
@@ -163,10 +164,14 @@ def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
     \b
     Prints per-rank weight bytes by tensor class, activations, KV cache bytes per token,
     the KV budget and how many max_seq_len sequences fit, the verdict, and the smallest
-    layout that fits the configured GPU. Exit 0 when the layout fits, 2 when it does not
-    (the reason as one line on stderr) or when a config is missing or invalid.
+    layout that fits the configured GPU. Weights are counted as the backend holds them
+    (block-FP8 for TensorRT-LLM's PyTorch backend, decoded fp32/bf16 for the torch
+    executor), and the backend/format/GPU rules `build` applies are applied here too.
+    Exit 0 when the layout fits, 2 when it does not (the reason as one line on stderr) or
+    when a config is missing or invalid.
     """
-    from kimi_trt.plan import load_plan, plan_to_dict, render_plan, require_fit
+    from kimi_trt.plan import load_plan, require_fit
+    from kimi_trt.plan_report import plan_to_dict, render_plan
 
     result = load_plan(config_path, model_config)
     click.echo(json.dumps(plan_to_dict(result), indent=2) if as_json else render_plan(result))
@@ -180,16 +185,26 @@ def plan(config_path: Path, model_config: Path | None, as_json: bool) -> None:
     type=click.Choice(["plan", "convert", "compile", "package"]),
     help="Stop after this stage (default: run all four).",
 )
-def build(config_path: Path, stop_after: str | None) -> None:
+@click.option(
+    "--checkpoint", type=PATH_TYPE, help="HF checkpoint dir instead of the YAML's 'checkpoint'."
+)
+@click.option("--output-dir", type=PATH_TYPE, help="Engine dir instead of the YAML's 'output_dir'.")
+def build(
+    config_path: Path, stop_after: str | None, checkpoint: Path | None, output_dir: Path | None
+) -> None:
     """HF checkpoint -> engine dir: plan, convert, compile, package.
 
     \b
     plan     memory plan + backend/format/GPU checks; refuses before any weight is read
-    convert  per-rank checkpoint (resumable, checksummed)
-    compile  backend trtllm: one TensorRT-LLM engine per rank (GPU host; exit 3 elsewhere,
-             with the command that finishes the build); backend torch: the checkpoint
-             itself, runnable by `mpirun -np N kimi-trt run`
-    package  tokenizer files + manifest.json
+    convert  torch/trtllm: per-rank checkpoint (resumable, checksummed); llmapi: the HF
+             checkpoint's headers, shapes and scales checked (+ UE8M0 scales if asked)
+    compile  trtllm: one TensorRT-LLM engine per rank (GPU host; exit 3 elsewhere, with
+             the command that finishes the build); torch: the checkpoint itself, runnable
+             by `mpirun -np N kimi-trt run`; llmapi: the LLM-API options file
+    package  tokenizer files + manifest.json; llmapi: then exit 3 where tensorrt_llm is
+             missing, with the command that checks and runs the dir on a GPU host
+    Paths in the YAML are relative to the YAML's directory; --checkpoint and --output-dir
+    (relative to the current directory) replace them.
     Rerunning skips every stage whose outputs still verify (checksums + config hash) and
     redoes the stages a changed config affects. Progress and timings go to stderr.
     Multi-host engine builds: `--stop-after convert` once, then
@@ -197,7 +212,10 @@ def build(config_path: Path, stop_after: str | None) -> None:
     """
     from kimi_trt.build import run_build
 
-    result = run_build(config_path, stop_after, log=lambda s: click.echo(s, err=True))
+    overrides = {"checkpoint": checkpoint, "output_dir": output_dir}
+    result = run_build(
+        config_path, stop_after, log=lambda s: click.echo(s, err=True), overrides=overrides
+    )
     click.echo(result.summary())
 
 

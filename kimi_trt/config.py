@@ -384,6 +384,13 @@ def load_model_config(path: str | Path) -> ModelConfig:
 GpuName = Literal["h100", "h200", "b200", "gb200", "cpu"]
 WeightFormat = Literal["fp8_block", "bf16", "int8_wo", "fp8_ue8m0", "fp32"]
 KvCacheDtype = Literal["fp8", "bf16", "fp16", "fp32"]
+# trtllm: TensorRT-LLM engines (engine workflow); torch: our executor; llmapi: TensorRT-LLM's
+# PyTorch backend driven through its LLM API (docs/design.md "Backends").
+Backend = Literal["trtllm", "torch", "llmapi"]
+# TensorRT-LLM 1.2 MoeConfig.backend (tensorrt_llm/llmapi/llm_args.py).
+MoeBackend = Literal[
+    "AUTO", "CUTLASS", "CUTEDSL", "WIDEEP", "TRTLLM", "DEEPGEMM", "VANILLA", "TRITON"
+]
 
 
 class _Strict(BaseModel):
@@ -447,6 +454,16 @@ class Limits(_Strict):
         return self
 
 
+class LlmApiSettings(_Strict):
+    """Backend llmapi's tuning knobs that are neither layout nor limits. kimi_trt.llmapi.options
+    maps them to TorchLlmArgs keys (moe_config.backend, cuda_graph_config, stream_interval)."""
+
+    moe_backend: MoeBackend = "AUTO"
+    cuda_graph_max_batch_size: int | None = Field(None, ge=1)  # None: limits.max_batch_size
+    cuda_graph_padding: bool = True
+    stream_interval: int = Field(1, ge=1)
+
+
 class BuildConfig(_Strict):
     """A build YAML. Relative paths are resolved against the YAML file's directory."""
 
@@ -454,13 +471,14 @@ class BuildConfig(_Strict):
     output_dir: Path
     tokenizer_dir: Path | None = None  # default: the checkpoint dir
     gpu: GpuName = "h200"
-    backend: Literal["trtllm", "torch"] = "trtllm"
+    backend: Backend = "trtllm"
     parallelism: Parallelism = Parallelism()
     weights: WeightFormats = WeightFormats()
     kv_cache_dtype: KvCacheDtype = "bf16"
     kv_cache_free_gpu_mem_fraction: float = Field(0.9, gt=0.0, le=1.0)
     limits: Limits = Limits()
     convert_dir: Path | None = None  # default: <output_dir>/checkpoint
+    llm_api: LlmApiSettings = LlmApiSettings()
 
     @property
     def resolved_tokenizer_dir(self) -> Path:
@@ -503,7 +521,9 @@ def build_config_from_dict(raw: Any, src: str, base_dir: Path | None = None) -> 
     return cfg.model_copy(update=updates)
 
 
-def load_build_config(path: str | Path) -> BuildConfig:
+def load_build_config(path: str | Path, overrides: dict[str, Path] | None = None) -> BuildConfig:
+    """Read a build YAML; `overrides` (e.g. the CLI's --checkpoint / --output-dir) replace
+    its path keys and are taken relative to the current directory, not the YAML's."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: build config not found")
@@ -513,4 +533,6 @@ def load_build_config(path: str | Path) -> BuildConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-    return build_config_from_dict(raw, str(p), base_dir=p.parent.resolve())
+    cfg = build_config_from_dict(raw, str(p), base_dir=p.parent.resolve())
+    given = {k: Path(v).resolve() for k, v in (overrides or {}).items() if v is not None}
+    return cfg.model_copy(update=given) if given else cfg

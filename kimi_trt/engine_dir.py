@@ -8,10 +8,14 @@ Layout (written by kimi_trt.build_stages):
                          checkpoint's config.json
     rank{N}.engine       backend trtllm, one per rank
     rank{N}.safetensors  backend torch, the per-rank checkpoint (hard links)
+    llm_api_options.yaml backend llmapi: TensorRT-LLM TorchLlmArgs options (trtllm-serve's
+                         --extra_llm_api_options file); config.json then holds backend
+                         "llmapi", the checkpoint it runs, world size, limits, hf_config
     tiktoken.model, tokenizer_config.json, ...   copied from tokenizer_dir
     manifest.json        kind kimi_trt.engine_dir: backend, layout, formats, limits and the
                          sha256 of every file above; written last (absent: incomplete)
     checkpoint/          the converter's per-rank checkpoint (kept for resume/rebuilds)
+    checkpoint-ue8m0/    backend llmapi with fp8_ue8m0 weights: the requantised HF checkpoint
     .kimi-build/         the build's stage state and plan
 """
 
@@ -24,6 +28,8 @@ from typing import Any
 
 ENGINE_FORMAT = "kimi_trt.engine_dir"
 MANIFEST = "manifest.json"
+ENGINE_CONFIG = "config.json"
+LLMAPI_BACKEND = "llmapi"
 ENGINE_FILE = re.compile(r"rank(\d+)\.engine")
 
 
@@ -44,3 +50,13 @@ def is_engine_dir(path: Path) -> bool:
     return read_engine_manifest(path) is not None or any(
         ENGINE_FILE.fullmatch(p.name) for p in path.glob("rank*.engine")
     )
+
+
+def is_llmapi_dir(path: Path) -> bool:
+    """An engine dir of backend llmapi: config.json says so."""
+    p = Path(path) / ENGINE_CONFIG
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("backend") == LLMAPI_BACKEND

@@ -1,7 +1,14 @@
 """Per-GPU memory plan: does a layout fit, and how much KV cache is left - before any weight is read.
 
-Everything here is computed from `ModelConfig` + `BuildConfig` alone:
-- weight bytes per rank come from the converter's weight table
+Everything here is computed from `ModelConfig` + `BuildConfig` alone, and `make_plan` is
+the one planner: `kimi-trt plan` and the build's plan stage both call it, and it applies the
+backend/format/GPU rules (`kimi_trt.support`) as well as the memory rules, so the two can
+never disagree.
+- weight bytes per rank are what the backend holds in memory: the stored bytes of the
+  converter's table for TensorRT-LLM (engines, and the PyTorch backend, which keeps the
+  checkpoint's block-FP8 resident); for the torch executor, every weight decoded to its
+  compute dtype (fp32 on CPU, bf16 on GPU), as `runtime.weights.load_rank_weights` does.
+- stored weight bytes per rank come from the converter's weight table
   (`convert.weight_table.rank_tensor_specs`), the same list the converter writes into
   `rank{N}.safetensors`, so plan and output cannot disagree (tests check it against real
   converted files). Decoder layers of one kind are identical, so the table is evaluated on
@@ -39,6 +46,9 @@ from kimi_trt.convert.hf_layout import TENSOR_CLASSES, hf_tensors
 from kimi_trt.errors import ConfigError
 from kimi_trt.gpus import GB, DeviceSpec, device_spec
 from kimi_trt.mapping import Mapping, layout_problems
+from kimi_trt.support import support_notes, support_problems
+
+SHIPPED_K2_CONFIG = Path(__file__).resolve().parent / "assets" / "kimi-k2-instruct.config.json"
 
 ACT_BYTES = 2  # activations run in bf16
 LOGIT_BYTES = 4  # TensorRT-LLM keeps logits in fp32
@@ -125,6 +135,41 @@ def rank_weight_bytes(
     return {c: got.get(c, 0) for c in TENSOR_CLASSES} | {
         c: v for c, v in got.items() if c not in TENSOR_CLASSES
     }
+
+
+def torch_compute_bytes(device: DeviceSpec) -> int:
+    """Bytes per element the torch executor computes in: fp32 on CPU, bf16 on a GPU."""
+    return 4 if device.shared_memory else 2
+
+
+@lru_cache(maxsize=512)
+def torch_held_bytes(
+    model: ModelConfig, mapping: Mapping, formats: WeightFormats, rank: int, elem: int
+) -> dict[str, int]:
+    """Bytes the torch executor holds for rank{rank}: every stored weight decoded to `elem`
+    bytes per element (scale tensors consumed), the router in fp32 - exactly the tensors
+    `runtime.weights.load_rank_weights` returns."""
+    from kimi_trt.convert.weight_table import rank_tensor_specs
+
+    def specs(m: ModelConfig) -> list[Any]:
+        return [t for t in rank_tensor_specs(m, mapping, formats, rank) if t.role == "weight"]
+
+    def held(t: Any) -> int:
+        return t.numel * (4 if t.rule.kind == "router" else elem)
+
+    got = scaled_sum(model, specs, held)
+    return {c: got.get(c, 0) for c in TENSOR_CLASSES} | {
+        c: v for c, v in got.items() if c not in TENSOR_CLASSES
+    }
+
+
+def held_weight_bytes(
+    build: BuildConfig, model: ModelConfig, device: DeviceSpec, mapping: Mapping, rank: int
+) -> dict[str, int]:
+    """What one rank of `build.backend` holds in memory for its weights, by tensor class."""
+    if build.backend == "torch":
+        return torch_held_bytes(model, mapping, build.weights, rank, torch_compute_bytes(device))
+    return rank_weight_bytes(model, mapping, build.weights, rank)
 
 
 # ---- activations and KV cache ------------------------------------------------------------
@@ -233,6 +278,8 @@ class Plan:
     source: SourceSummary
     rank: RankMemory
     problems: list[str]  # why the layout cannot split the model (layout_problems)
+    backend: str = "trtllm"
+    unsupported: list[str] = field(default_factory=list)  # kimi_trt.support problems
     fits: bool = False
     reason: str = ""
     notes: list[str] = field(default_factory=list)
@@ -279,6 +326,10 @@ class Plan:
 
 def _layout_kv_verdict(plan: Plan) -> tuple[bool, str]:
     r, lim = plan.rank, plan.limits
+    if plan.unsupported:
+        return False, f"backend {plan.backend} cannot run this build: " + "; ".join(
+            plan.unsupported
+        )
     if plan.problems:
         return False, f"layout {plan.layout} cannot split this model: " + "; ".join(plan.problems)
     load = r.weights + r.activations + r.reserved
@@ -327,7 +378,7 @@ def _rank_memory(
     build: BuildConfig, model: ModelConfig, device: DeviceSpec, ranks: Iterable[int]
 ) -> RankMemory:
     mapping = Mapping.from_parallelism(build.parallelism)
-    per_rank = [rank_weight_bytes(model, mapping, build.weights, r) for r in ranks]
+    per_rank = [held_weight_bytes(build, model, device, mapping, r) for r in ranks]
     weights = max(per_rank, key=lambda d: sum(d.values()), default={})
     share = build.parallelism.world_size if device.shared_memory else 1
     return RankMemory(
@@ -348,9 +399,10 @@ def _plan_layout(
     world = p.world_size
     ranks = range(world) if all_ranks else sorted({0, world - 1})
     rank = _rank_memory(build, model, device, [] if problems else ranks)
-    plan = Plan(device, p, build.limits, source_summary(model), rank, problems)
+    plan = Plan(device, p, build.limits, source_summary(model), rank, problems, build.backend)
+    plan.unsupported = support_problems(build, model)
     plan.fits, plan.reason = _layout_kv_verdict(plan)
-    plan.notes = _notes(plan)
+    plan.notes = _notes(plan) + support_notes(build, model)
     return plan
 
 
@@ -414,7 +466,7 @@ def make_plan(build: BuildConfig, model: ModelConfig) -> Plan:
     plan = _plan_layout(build, model, device, all_ranks=True)
     plan.suggestion = smallest_fitting_layout(build, model, device)
     plan.by_format = weights_by_format(build, model)
-    if not plan.fits:
+    if not plan.fits and not plan.unsupported:
         if device.shared_memory:
             plan.reason += "; the ranks of one host share its RAM, so more ranks do not help"
         elif plan.suggestion is None:
@@ -425,125 +477,35 @@ def make_plan(build: BuildConfig, model: ModelConfig) -> Plan:
     return plan
 
 
-# ---- output ----------------------------------------------------------------------------------
-
-
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    """`kimi-trt plan --json`: every number of the plan, bytes as integers."""
-    r = plan.rank
-    out: dict[str, Any] = {
-        "fits": plan.fits,
-        "reason": plan.reason,
-        "device": dataclasses.asdict(plan.device),
-        "layout": {
-            "name": plan.layout,
-            **plan.parallelism.model_dump(),
-            "world_size": plan.world_size,
-            "nodes": plan.nodes,
-            "problems": plan.problems,
-        },
-        "source_checkpoint": dataclasses.asdict(plan.source),
-        "per_rank": {
-            "memory_bytes": r.device_bytes,
-            "weights_bytes": r.weights,
-            "weights_by_class": r.weights_by_class,
-            "activations_bytes": r.activations,
-            "activations_by_part": r.activations_by_part,
-            "reserved_bytes": r.reserved,
-            "free_after_load_bytes": r.free_after_load,
-            "kv_cache_free_gpu_mem_fraction": r.kv_fraction,
-            "kv_budget_bytes": r.kv_budget,
-            "kv_bytes_per_token": r.kv_bytes_per_token,
-            "kv_tokens": r.kv_tokens,
-            "kv_sequences_of_max_seq_len": plan.kv_sequences,
-        },
-        "system_kv_tokens": plan.system_kv_tokens,
-        "limits": plan.limits.model_dump(),
-        "notes": plan.notes,
-        "weights_by_format_per_rank": plan.by_format,
-        "suggestion": None,
-    }
-    s = plan.suggestion
-    if s is not None:
-        out["suggestion"] = {
-            "name": s.layout,
-            **s.parallelism.model_dump(),
-            "world_size": s.world_size,
-            "nodes": s.nodes,
-            "where": s.where(),
-            "weights_bytes_per_rank": s.rank.weights,
-            "kv_tokens_per_rank": s.rank.kv_tokens,
-            "system_kv_tokens": s.system_kv_tokens,
-        }
-    return out
-
-
-def _gb(n: int) -> str:
-    return f"{n / GB:10.2f} GB"
-
-
-def _render_by_format(by_format: dict[str, dict[str, int]]) -> list[str]:
-    if not by_format:
-        return []
-    fmts = list(by_format)
-    lines = [
-        "",
-        "weights per rank (GB) if a class were stored as:",
-        f"  {'':<15}" + "".join(f"{f:>11}" for f in fmts),
-    ]
-    for cls in LINEAR_CLASSES:
-        lines.append(f"  {cls:<15}" + "".join(f"{by_format[f][cls] / GB:11.2f}" for f in fmts))
-    return lines
-
-
-def render_plan(plan: Plan) -> str:
-    """The plan as a plain-text table for humans."""
-    r, src = plan.rank, plan.source
-    lines = [
-        f"device   {plan.device.label} (sm {plan.device.sm or '-'}, FP8 {'yes' if plan.device.fp8 else 'no'}, "
-        f"NVLink domain {plan.device.nvlink_domain})",
-        f"layout   {plan.layout}: tp={plan.parallelism.tp} ep={plan.parallelism.ep} "
-        f"moe_tp={plan.parallelism.moe_tp} attention_dp={plan.parallelism.attention_dp} "
-        f"-> {plan.where()}",
-        f"model    {src.parameters:,} parameters, {src.bytes / GB:,.1f} GB in the HF checkpoint",
-        "",
-        "per rank (fullest rank)",
-    ]
-    for cls, n in r.weights_by_class.items():
-        lines.append(f"  weights  {cls:<22}{_gb(n)}")
-    lines.append(f"  weights  {'total':<22}{_gb(r.weights)}")
-    for part, n in r.activations_by_part.items():
-        lines.append(f"  activ.   {part:<22}{_gb(n)}")
-    lines += [
-        f"  runtime  {'reserved (estimate)':<22}{_gb(r.reserved)}",
-        f"  memory   {'of the device':<22}{_gb(r.device_bytes)}",
-        f"  free     {'after load':<22}{_gb(r.free_after_load)}",
-        f"  KV cache {f'x {r.kv_fraction:g} of free':<22}{_gb(r.kv_budget)}",
-        f"  KV cache {'bytes per token':<22}{r.kv_bytes_per_token:>13,}",
-        f"  KV cache {'tokens':<22}{r.kv_tokens:>13,}",
-        f"  KV cache {f'seqs of {plan.limits.max_seq_len}':<22}{plan.kv_sequences:>13,}",
-        f"system KV tokens                  {plan.system_kv_tokens:>13,}",
-        "",
-        ("FITS" if plan.fits else "DOES NOT FIT") + f" - {plan.reason}",
-    ]
-    lines += [f"note: {n}" for n in plan.notes]
-    s = plan.suggestion
-    if s is not None:
-        lines.append(
-            f"smallest layout that fits a {plan.device.label}: {s.layout} ({s.where()}), "
-            f"{s.rank.weights / GB:.1f} GB weights per rank, {s.system_kv_tokens:,} KV tokens in all"
-        )
-    return "\n".join(lines + _render_by_format(plan.by_format))
+def plan_model_config(build: BuildConfig, model_config: str | Path | None) -> tuple[Path, str]:
+    """The config.json to plan with, and a note saying where it came from: `model_config`
+    when given, else the checkpoint's, else (no checkpoint yet) the shipped Kimi-K2 config."""
+    if model_config is not None:
+        return Path(model_config), ""
+    own = build.checkpoint / "config.json"
+    if own.is_file():
+        return own, ""
+    return SHIPPED_K2_CONFIG, (
+        f"no checkpoint at {build.checkpoint} yet (paths in the YAML are relative to the YAML's "
+        f"directory): planned with the shipped Kimi-K2-Instruct config {SHIPPED_K2_CONFIG.name}; "
+        "pass --model-config config.json to plan another model"
+    )
 
 
 def load_plan(config_path: str | Path, model_config: str | Path | None = None) -> Plan:
-    """Plan a build YAML; the model config is `<checkpoint>/config.json` unless given."""
+    """Plan a build YAML with `plan_model_config`'s choice of model config."""
     build = load_build_config(config_path)
-    model = load_model_config(model_config if model_config is not None else build.checkpoint)
-    return make_plan(build, model)
+    path, note = plan_model_config(build, model_config)
+    plan = make_plan(build, load_model_config(path))
+    if note:
+        plan.notes.insert(0, note)
+    return plan
 
 
 def require_fit(plan: Plan) -> None:
-    """Raise (exit 2) with the planner's numbers when the layout does not fit its device."""
+    """Raise (exit 2) with the planner's numbers when the layout does not fit its device, or
+    the backend's reason when the backend cannot run the build at all."""
+    if plan.unsupported:
+        raise ConfigError(plan.reason)
     if not plan.fits:
         raise ConfigError(f"{plan.layout} on {plan.device.label} does not fit: {plan.reason}")

@@ -21,7 +21,7 @@ from kimi_trt.trtllm.compile import (
     trtllm_build_command,
     trtllm_pretrained_dict,
 )
-from kimi_trt.trtllm.support import support_notes, support_problems
+from kimi_trt.support import support_notes, support_problems
 from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights, k_b_proj_trans, kv_b_trtllm
 from tests.conftest import K2_CONFIG, REPO
 

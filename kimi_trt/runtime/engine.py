@@ -1,7 +1,8 @@
 """`load_engine(dir) -> Engine`: the runtime's public entry point (CLI, serving, build checks).
 
-The backend is chosen by what the directory holds: `rank{N}.engine` files -> TensorRT-LLM
-(trtllm_backend.py, GPU hosts with tensorrt_llm only); a per-rank checkpoint (config.json
+The backend is chosen by what the directory holds: config.json of backend llmapi ->
+TensorRT-LLM's PyTorch backend (llmapi_backend.py); `rank{N}.engine` files -> TensorRT-LLM
+engines (trtllm_backend.py); both GPU hosts with tensorrt_llm only; a per-rank checkpoint (config.json
 with a `kimi_trt` object, in the dir or its `checkpoint/` subdir) -> the torch executor.
 
 Multi-rank protocol: every rank calls `load_engine`. Rank 0 then drives - `generate`,
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint, read_rank_config
+from kimi_trt.engine_dir import is_llmapi_dir
 from kimi_trt.errors import ConfigError, UserError
 from kimi_trt.runtime.comm import Comm
 from kimi_trt.runtime.executor import StepPlan, TorchExecutor
@@ -130,6 +132,11 @@ def load_engine(
     path = Path(engine_dir)
     if not path.is_dir():
         raise ConfigError(f"{path}: engine dir not found")
+    if is_llmapi_dir(path):
+        from kimi_trt.runtime.llmapi_backend import load_llmapi_engine
+
+        tokenizer = load_tokenizer(path, Path(tokenizer_dir) if tokenizer_dir else None)
+        return load_llmapi_engine(path, tokenizer)
     if any(path.glob("rank*.engine")):
         from kimi_trt.runtime.trtllm_backend import load_trtllm_engine
 

@@ -1,7 +1,9 @@
 """What TensorRT-LLM's engine workflow can run: weight formats, layouts, devices.
 
-Checked in the build's plan stage, before any weight is read, so a config the plugins
-cannot take fails in a second with one line instead of after an hour of conversion.
+Checked by the planner (kimi_trt.support, for `plan` and the build's plan stage alike),
+before any weight is read, so a config the plugins cannot take fails in a second with one
+line instead of after an hour of conversion. The engine workflow is Hopper-only and
+experimental (docs/design.md "Backends"); K2 deployments use backend llmapi.
 The facts, from TensorRT-LLM 1.2's sources:
 
 - MLA (`tensorrt_llm/layers/attention.py`, `DeepseekV2Attention.forward`): the
@@ -68,34 +70,13 @@ def trtllm_problems(build: BuildConfig) -> list[str]:
         out.append(
             f"weights {', '.join(wo)}: int8_wo on {build.gpu} - TensorRT-LLM's engine builder "
             "refuses INT8/INT4 weight-only quantization on SM>=100 (tensorrt_llm/builder.py "
-            "build()); use backend: torch on Blackwell"
+            "build()); use backend: llmapi on Blackwell"
         )
     if build.kv_cache_dtype != "bf16":
         out.append(
             f"kv_cache_dtype: {build.kv_cache_dtype} needs KV-cache scales the converter does not "
             "write; use bf16 with backend trtllm"
         )
-    return out
-
-
-def format_gpu_problems(build: BuildConfig) -> list[str]:
-    """Weight formats that do not match the device, whatever the backend."""
-    out = []
-    for cls in LINEAR_CLASSES:
-        fmt = build.weights.for_class(cls)
-        if fmt == "fp8_ue8m0" and build.gpu not in (*BLACKWELL, "cpu"):
-            out.append(
-                f"weights.{cls}: fp8_ue8m0 (power-of-two block scales) is Blackwell's recipe; "
-                f"gpu {build.gpu} runs fp8_block"
-            )
-    return out
-
-
-def support_problems(build: BuildConfig) -> list[str]:
-    """Every backend/format/GPU combination problem of a build config."""
-    out = format_gpu_problems(build)
-    if build.backend == "trtllm":
-        out += trtllm_problems(build)
     return out
 
 
@@ -108,10 +89,8 @@ DEEPSEEK_MLA = {
 }
 
 
-def support_notes(build: BuildConfig, model: ModelConfig) -> list[str]:
-    """Things that are allowed but unconfirmed upstream (logged, not refused)."""
-    if build.backend != "trtllm":
-        return []
+def trtllm_notes(build: BuildConfig, model: ModelConfig) -> list[str]:
+    """Things the engine workflow allows but upstream has not confirmed (logged, not refused)."""
     notes = []
     if build.gpu in BLACKWELL:
         notes.append(
