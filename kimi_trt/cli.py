@@ -274,6 +274,24 @@ def run(
     sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir))
 
 
+@main.command()
+@engine_dir_option("Engine dir to prove (built from the shipped tiny model).")
+def verify(engine_dir: Path) -> None:
+    """Run fixed prompts on an engine dir and compare with shipped transformers references.
+
+    \b
+    Works on every backend (torch executor on CPU/GPU, TensorRT-LLM's PyTorch backend,
+    TensorRT-LLM engines); multi-rank dirs under mpirun (rank 0 prints). Checks: every
+    manifest file's sha256, then per prompt the greedy tokens and the logits behind them
+    against transformers' DeepseekV3 on the same weights. Prints a pass/fail table; exit 1
+    when a check fails. The references are for the shipped tiny model: build
+    build_configs/tiny_*.yaml with the backend and layout to prove, then verify it.
+    """
+    from kimi_trt.verify import verify_command
+
+    sys.exit(verify_command(engine_dir))
+
+
 @main.command("triton-repo")
 @engine_dir_option()
 @click.option("--out", type=PATH_TYPE, required=True, help="Repository dir.")

@@ -471,7 +471,7 @@ class BuildConfig(_Strict):
     output_dir: Path
     tokenizer_dir: Path | None = None  # default: the checkpoint dir
     gpu: GpuName = "h200"
-    backend: Backend = "trtllm"
+    backend: Backend = "llmapi"
     parallelism: Parallelism = Parallelism()
     weights: WeightFormats = WeightFormats()
     kv_cache_dtype: KvCacheDtype = "bf16"

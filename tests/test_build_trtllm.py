@@ -13,6 +13,7 @@ from kimi_trt.config import load_build_config, load_model_config
 from kimi_trt.convert.converter import convert_checkpoint
 from kimi_trt.errors import CheckpointError
 from kimi_trt.plan import make_plan
+from kimi_trt.support import support_notes, support_problems
 from kimi_trt.trtllm.compile import (
     build_settings,
     missing_capability,
@@ -21,7 +22,6 @@ from kimi_trt.trtllm.compile import (
     trtllm_build_command,
     trtllm_pretrained_dict,
 )
-from kimi_trt.support import support_notes, support_problems
 from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights, k_b_proj_trans, kv_b_trtllm
 from tests.conftest import K2_CONFIG, REPO
 
@@ -31,20 +31,22 @@ GPU_CONFIGS = ["b200_ep8", "h200_ep8", "h200_tp16_2node", "h100_ep16_2node"]
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_shipped_gpu_configs_are_supported_and_fit(name):
     build = load_build_config(REPO / "build_configs" / f"{name}.yaml")
-    # B200: TensorRT-LLM's engine workflow cannot hold K2 there (see the YAML): torch backend.
-    assert build.backend == ("torch" if name.startswith("b200") else "trtllm")
-    assert support_problems(build) == []
-    plan = make_plan(build, load_model_config(K2_CONFIG))
+    # Deployments run on TensorRT-LLM's PyTorch backend; the engine workflow is kept for
+    # Hopper only (experimental, see the YAML).
+    assert build.backend == ("trtllm" if name == "h200_tp16_2node" else "llmapi")
+    k2 = load_model_config(K2_CONFIG)
+    assert support_problems(build, k2) == []
+    plan = make_plan(build, k2)
     assert plan.fits, plan.reason
     assert str(build.checkpoint).startswith(str(REPO))  # relative paths resolve from the YAML
 
 
 def test_blackwell_and_odd_mla_sizes_are_flagged_not_refused(tiny_ckpt):
-    h200 = load_build_config(REPO / "build_configs" / "h200_ep8.yaml")
+    h200 = load_build_config(REPO / "build_configs" / "h200_tp16_2node.yaml")
     bf16 = h200.weights.model_copy(update={"experts": "bf16"})
     build = h200.model_copy(update={"gpu": "b200", "weights": bf16})
     k2, tiny = load_model_config(K2_CONFIG), load_model_config(tiny_ckpt)
-    assert support_problems(build) == []
+    assert support_problems(build, k2) == []
     notes = support_notes(build, k2)
     assert len(notes) == 1 and "sm100" in notes[0]
     assert support_notes(h200, k2) == []
@@ -57,17 +59,17 @@ def test_blackwell_and_odd_mla_sizes_are_flagged_not_refused(tiny_ckpt):
         ({"gpu": "cpu"}, ["needs a GPU"]),
         ({"weights": {"attention": "fp8_block"}}, ["weights.attention", "gpt_attention"]),
         ({"weights": {"experts": "fp8_block"}}, ["weights.experts", "MixtureOfExperts"]),
-        ({"parallelism": {"tp": 8, "ep": 8, "attention_dp": True}}, ["attention_dp"]),
+        ({"parallelism": {"tp": 16, "ep": 16, "attention_dp": True}}, ["attention_dp"]),
         ({"kv_cache_dtype": "fp8"}, ["kv_cache_dtype"]),
         ({"gpu": "b200"}, ["int8_wo on b200", "SM>=100"]),
     ],
 )
 def test_trtllm_support_rules(change, words):
-    base = load_build_config(REPO / "build_configs" / "h200_ep8.yaml")
+    base = load_build_config(REPO / "build_configs" / "h200_tp16_2node.yaml")
     raw = base.model_dump()
     for key, value in change.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    problems = support_problems(type(base).model_validate(raw))
+    problems = support_problems(type(base).model_validate(raw), load_model_config(K2_CONFIG))
     assert len(problems) == 1 and all(w in problems[0] for w in words), problems
 
 

@@ -138,7 +138,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     cases = {
         "bad.yaml": ("checkpoint: [unclosed\n", "malformed YAML at line"),
         "unknown.yaml": ("checkpoint: c\noutput_dir: o\ngpus: b200\n", "unknown key 'gpus'"),
-        "no_ckpt.yaml": ("checkpoint: ckpt\noutput_dir: out\n", "config.json not found"),
+        # no checkpoint yet: planned with the shipped K2 config, which one H200 cannot hold
+        "no_ckpt.yaml": ("checkpoint: ckpt\noutput_dir: out\n", "does not fit"),
         "layout.yaml": (
             "checkpoint: c\noutput_dir: o\nparallelism: {tp: 8, ep: 4}\n",
             "ep (4) x moe_tp (1) must equal tp (8)",

@@ -205,6 +205,11 @@ class Engine:
         return self.model_config.vocab_size
 
     @property
+    def precision(self) -> str:
+        """'fp32' or 'bf16': the compute precision (kimi-trt verify's tolerances follow it)."""
+        return "fp32" if self._executor.dtype == torch.float32 else "bf16"
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Default stop ids: config eos, plus the tokenizer's (<|im_end|>) when present."""
         return default_stop_ids(self.model_config.eos_token_ids, self.tokenizer)

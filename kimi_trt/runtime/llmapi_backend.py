@@ -157,6 +157,7 @@ class LlmApiEngine:
     """The Engine interface over `tensorrt_llm.LLM` (rank 0) or an MPI worker (ranks > 0)."""
 
     backend = LLMAPI_BACKEND
+    precision = "bf16"
 
     def __init__(self, d: LlmApiDir, llm, rank: int, tokenizer):
         self._dir, self._llm = d, llm

@@ -70,6 +70,7 @@ class TrtllmEngine:
     """The `Engine` interface (generate / worker_loop / shutdown) over a TensorRT-LLM Executor."""
 
     backend = "trtllm"
+    precision = "bf16"
 
     def __init__(self, trtllm, executor, rank, world, build, pretrained, tokenizer):
         self._trtllm = trtllm

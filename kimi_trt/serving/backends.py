@@ -137,7 +137,10 @@ class TritonBackend:
         self.summary = summary
         self.tokenizer = tokenizer
         self.max_input_len = summary.max_input_len
-        self.model = model or ("tensorrt_llm" if summary.kind == "trtllm" else "kimi")
+        self.model = model or ("kimi" if summary.kind == "torch" else "tensorrt_llm")
+        # tensorrtllm_backend's C++ model batches (leading batch dim, stop_words_list); the
+        # `kimi` interface (torch executor, and the llmapi repository's model) does not
+        self.batched = summary.kind == "trtllm"
         self.description = f"Triton at {self.url}, model {self.model}"
         self._client = None
         self._active = 0
@@ -175,7 +178,7 @@ class TritonBackend:
     def _inputs(self, prompt: list[int], params: SamplingParams) -> list:
         import tritonclient.grpc as grpcclient
 
-        batched = self.model == "tensorrt_llm"  # max_batch_size > 0: a leading batch dim
+        batched = self.batched
         stops = params.stop_token_ids
         if stops is None and self.tokenizer is not None:
             stops = tuple(self.tokenizer.eos_token_ids)
@@ -228,7 +231,7 @@ class TritonBackend:
                 for token in result.as_numpy("output_ids").reshape(-1):
                     stream.push(int(token))
                     produced += 1
-                if self.model != "tensorrt_llm":
+                if not self.batched:
                     reason = result.as_numpy("finish_reason").reshape(-1)[0].decode() or reason
             if reason is None:  # tensorrt_llm reports no reason: infer it from the length
                 reason = "length" if produced >= params.max_new_tokens else "stop"

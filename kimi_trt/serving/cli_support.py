@@ -43,6 +43,7 @@ def repo_engine(repo: Path) -> tuple[Path, str]:
     for model, key, kind in (
         ("kimi", "engine_dir", "torch"),
         ("tensorrt_llm", "gpt_model_path", "trtllm"),
+        ("tensorrt_llm", "engine_dir", "llmapi"),
     ):
         path = repo / model / "config.pbtxt"
         if path.is_file():

@@ -1,12 +1,15 @@
 """`kimi-trt triton-repo`: a Triton model repository for an engine dir.
 
-Two kinds of engine dir, two repositories:
+Three kinds of engine dir, three repositories:
 
 - TensorRT-LLM engines (`rank{N}.engine` + config.json with pretrained_config and
   build_config): tensorrtllm_backend's inflight-batching layout - `preprocessing`
   (text -> ids with our KimiTokenizer), `tensorrt_llm` (the C++ backend, every parameter
   filled from the engine's config), `postprocessing` (ids -> text) and `ensemble`
   chaining them (triton_trtllm_models.py).
+- backend llmapi (TensorRT-LLM's PyTorch backend): tensorrtllm_backend's `llmapi` layout,
+  one `tensorrt_llm` model with config.pbtxt, 1/model.py and 1/model.yaml
+  (serving/triton_llmapi.py).
 - torch-executor engine dirs (a per-rank checkpoint): `kimi`, a decoupled Python-backend
   model running our runtime with request batching (streams tokens), and `kimi_sync`, a
   non-decoupled wrapper over it (BLS) for clients that cannot stream, such as Triton's
@@ -36,6 +39,7 @@ from kimi_trt.errors import ConfigError, UserError
 from kimi_trt.serving.pbtxt import Enum, string_parameters, to_pbtxt
 from kimi_trt.serving.repo_spec import (
     HEADER,
+    LLMAPI_MODEL,
     TORCH_MODEL,
     TORCH_SYNC_MODEL,
     TRTLLM_MODEL,
@@ -123,6 +127,8 @@ def torch_model_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, d
 def _python_model_classes(engine: EngineSummary) -> dict[str, str]:
     if engine.kind == "torch":
         return {TORCH_MODEL: "KimiEngineModel", TORCH_SYNC_MODEL: "KimiSyncModel"}
+    if engine.kind == "llmapi":
+        return {LLMAPI_MODEL: "KimiEngineModel"}
     return {"preprocessing": "KimiPreprocessModel", "postprocessing": "KimiPostprocessModel"}
 
 
@@ -130,6 +136,10 @@ def repo_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, dict[str
     """Every model's config (model name -> config dict) for this engine."""
     if engine.kind == "torch":
         return torch_model_configs(engine, opts)
+    if engine.kind == "llmapi":
+        from kimi_trt.serving.triton_llmapi import llmapi_model_config
+
+        return {LLMAPI_MODEL: llmapi_model_config(engine, opts)}
     from kimi_trt.serving.triton_trtllm_models import trtllm_model_configs
 
     tokenizer = opts.tokenizer_dir or engine.tokenizer_dir
@@ -161,6 +171,10 @@ def write_triton_repo(
         (model_dir / "config.pbtxt").write_text(to_pbtxt(config, HEADER))
         if name in classes:
             (model_dir / "1" / "model.py").write_text(model_shim(classes[name], paths))
+    if engine.kind == "llmapi":
+        from kimi_trt.serving.triton_llmapi import MODEL_YAML, llmapi_model_yaml
+
+        (partial / LLMAPI_MODEL / "1" / MODEL_YAML).write_text(llmapi_model_yaml(engine))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -169,5 +183,5 @@ def write_triton_repo(
         "engine_kind": engine.kind,
         "world_size": engine.world_size,
         "models": sorted(configs),
-        "serve_model": TRTLLM_MODEL if engine.kind == "trtllm" else TORCH_MODEL,
+        "serve_model": TORCH_MODEL if engine.kind == "torch" else TRTLLM_MODEL,
     }
