@@ -6,6 +6,10 @@
 # set, else bench/results/routing_gpu.json. Needs python3 with CUDA torch + triton only
 # (PYTHON=... to choose another interpreter); the package need not be installed.
 # Extra arguments go to bench/routing_gpu.py (e.g. --no-sweep, --tokens 1 4096).
+# Where tensorrt_llm imports, it then proves TensorRT-LLM's PyTorch backend runs our engine
+# dirs: builds build_configs/tiny_gpu_llmapi.yaml (the shipped tiny model, one GPU) and runs
+# `kimi-trt verify` on it against the shipped transformers references (needs the package
+# installed: pip install -e '.[trtllm]'); skipped with a line saying so otherwise.
 # Exit: 0 ok, 1 a correctness check failed, 3 no CUDA device, 124 timed out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +23,19 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 "$PY" -c 'import torch, triton; print(f"gpu_check: torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}, cuda available: {torch.cuda.is_available()}")'
 
 limit="${GPU_CHECK_TIMEOUT:-290}"
-if command -v timeout >/dev/null; then
-    timeout --signal=TERM --kill-after=10 "$limit" "$PY" bench/routing_gpu.py "$@"
+run_limited() {
+    if command -v timeout >/dev/null; then
+        timeout --signal=TERM --kill-after=10 "$limit" "$@"
+    else
+        "$@"
+    fi
+}
+run_limited "$PY" bench/routing_gpu.py "$@"
+
+if "$PY" -c 'import tensorrt_llm' >/dev/null 2>&1; then
+    echo "gpu_check: tensorrt_llm $("$PY" -c 'import tensorrt_llm; print(tensorrt_llm.__version__)'): verifying the tiny model on TensorRT-LLM's PyTorch backend"
+    "$PY" -m kimi_trt.cli build --config build_configs/tiny_gpu_llmapi.yaml
+    run_limited "$PY" -m kimi_trt.cli verify --engine-dir out/gpu/engine-tiny-llmapi
 else
-    "$PY" bench/routing_gpu.py "$@"
+    echo "gpu_check: tensorrt_llm not importable: TensorRT-LLM's PyTorch backend not verified (pip install 'kimi_trt[trtllm]' to include it)"
 fi

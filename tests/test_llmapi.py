@@ -206,3 +206,29 @@ def test_tensorrt_llm_accepts_the_options(tiny_ckpt, tmp_path):
     from kimi_trt.runtime.llmapi_backend import check_with_tensorrt_llm
 
     check_with_tensorrt_llm(_llmapi_dir(tmp_path, tiny_ckpt))
+
+
+def test_the_api_front_end_speaks_the_llmapi_repositorys_interface(tiny_ckpt, tmp_path):
+    """`kimi-trt serve --triton` over an llmapi repository: model tensorrt_llm, unbatched
+    `kimi` inputs, every one declared in the repository's config.pbtxt (Triton's schema)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from kimi_trt.chat.tokenizer import KimiTokenizer
+    from kimi_trt.serving.backends import TritonBackend
+    from kimi_trt.serving.repo_spec import summarize_engine
+    from kimi_trt.serving.triton_repo import write_triton_repo
+
+    engine = _llmapi_dir(tmp_path, tiny_ckpt)
+    summary = summarize_engine(engine)
+    assert summary.kind == "llmapi" and summary.world_size == 1
+    write_triton_repo(engine, tmp_path / "repo")
+    pbtxt = (tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt").read_text()
+    config = text_format.Parse(pbtxt, model_config_pb2.ModelConfig())
+    declared = {i.name: list(i.dims) for i in config.input}
+    backend = TritonBackend("127.0.0.1:1", summary, KimiTokenizer.from_dir(engine))
+    assert backend.model == "tensorrt_llm" and not backend.batched
+    sent = backend._inputs([1, 2, 3], SamplingParams(max_new_tokens=4, seed=1))
+    for tensor in sent:
+        assert tensor.name() in declared, tensor.name()
+        assert len(tensor.shape()) == len(declared[tensor.name()])

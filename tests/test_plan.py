@@ -285,3 +285,25 @@ def test_planned_bytes_equal_converted_rank_files(request, tmp_path, ckpt_name):
             actual = _tensor_bytes_on_disk(out / f"rank{r}.safetensors")
             # the issue allows 1%; planning from the converter's own table makes it exact
             assert planned == actual, (par, fmts, r, planned, actual)
+
+
+@pytest.mark.parametrize("par", [Parallelism(tp=1), Parallelism(tp=2, ep=2)])
+def test_torch_executor_holds_what_the_plan_counts(tiny_ckpt, tmp_path, par):
+    """Measured: the tensors the torch executor loads for a rank (fp32 on CPU, router fp32)
+    add up to exactly the planner's per-rank weight bytes for backend torch."""
+    import torch
+
+    from kimi_trt.convert.rank_checkpoint import read_rank_config
+    from kimi_trt.plan import torch_held_bytes
+    from kimi_trt.runtime.weights import load_rank_weights
+
+    out = tmp_path / "ckpt"
+    convert_checkpoint(tiny_ckpt, out, parallelism=par, formats=WeightFormats())
+    cfg = read_rank_config(out)
+    for rank in range(par.world_size):
+        loaded = load_rank_weights(cfg, rank, torch.float32, torch.device("cpu"))
+        measured = sum(t.numel() * t.element_size() for t in loaded.values())
+        planned = torch_held_bytes(cfg.model, cfg.mapping, cfg.formats, rank, 4)
+        assert measured == sum(planned.values())
+    stored = sum(f.stat().st_size for f in out.glob("rank0.safetensors"))
+    assert sum(planned.values()) > 2 * stored  # fp32 in memory vs FP8 on disk
