@@ -27,17 +27,18 @@ from kimi_trt.serving.repo_spec import LLMAPI_MODEL, EngineSummary, RepoOptions
 MODEL_YAML = "model.yaml"
 
 
-def llmapi_model_config(engine: EngineSummary, opts: RepoOptions) -> dict[str, Any]:
-    """config.pbtxt of the `tensorrt_llm` model: the `kimi` interface over the LLM API."""
-    from kimi_trt.serving.triton_repo import TORCH_INPUTS, TORCH_OUTPUTS
-
+def llmapi_model_config(
+    engine: EngineSummary, opts: RepoOptions, inputs: list[dict], outputs: list[dict]
+) -> dict[str, Any]:
+    """config.pbtxt of the `tensorrt_llm` model: the `kimi` model's `inputs`/`outputs`
+    (triton_repo's, passed in) over the LLM API."""
     return {
         "name": LLMAPI_MODEL,
         "backend": "python",
         "max_batch_size": 0,
         "model_transaction_policy": {"decoupled": True},
-        "input": TORCH_INPUTS,
-        "output": TORCH_OUTPUTS,
+        "input": inputs,
+        "output": outputs,
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
         "parameters": string_parameters(
             {

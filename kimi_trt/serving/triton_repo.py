@@ -139,7 +139,7 @@ def repo_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, dict[str
     if engine.kind == "llmapi":
         from kimi_trt.serving.triton_llmapi import llmapi_model_config
 
-        return {LLMAPI_MODEL: llmapi_model_config(engine, opts)}
+        return {LLMAPI_MODEL: llmapi_model_config(engine, opts, TORCH_INPUTS, TORCH_OUTPUTS)}
     from kimi_trt.serving.triton_trtllm_models import trtllm_model_configs
 
     tokenizer = opts.tokenizer_dir or engine.tokenizer_dir
