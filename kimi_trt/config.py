@@ -65,7 +65,7 @@ class ModelConfig:
     moe_layer_freq: int
     routed_scaling_factor: float
     norm_topk_prob: bool
-    q_lora_rank: int
+    q_lora_rank: int | None  # None: a direct q_proj, no q LoRA (DeepSeek-V2-Lite, Moonlight)
     kv_lora_rank: int
     qk_nope_head_dim: int
     qk_rope_head_dim: int
@@ -306,12 +306,12 @@ def model_config_from_dict(raw: dict[str, Any], src: str = "config.json") -> Mod
         if key not in raw:
             raise ConfigError(f"{src}: missing required field '{key}'")
         _check_int(src, key, raw[key])
-    if raw.get("q_lora_rank") is None:
-        raise ConfigError(f"{src}: 'q_lora_rank' must be set (MLA without q LoRA is not supported)")
     for key, want in (
         ("hidden_act", "silu"),
         ("scoring_func", "sigmoid"),
         ("topk_method", "noaux_tc"),
+        ("attention_bias", False),
+        ("rope_interleave", True),
     ):
         if raw.get(key, want) != want:
             raise ConfigError(f"{src}: '{key}' must be {want!r}, got {raw[key]!r}")
@@ -323,7 +323,13 @@ def model_config_from_dict(raw: dict[str, Any], src: str = "config.json") -> Mod
     values["rope_scaling"] = _parse_rope_scaling(src, raw.get("rope_scaling"))
     values["weight_block_size"] = _parse_block_size(src, raw.get("quantization_config"))
     values["extra"] = {k: v for k, v in raw.items() if k not in known and k != "rope_scaling"}
-    for key in ("q_lora_rank", "n_group", "topk_group", "moe_layer_freq"):
+    if "q_lora_rank" not in raw:
+        raise ConfigError(
+            f"{src}: missing required field 'q_lora_rank' (null for a direct q_proj without q LoRA)"
+        )
+    if values["q_lora_rank"] is not None:
+        _check_int(src, "q_lora_rank", values["q_lora_rank"])
+    for key in ("n_group", "topk_group", "moe_layer_freq"):
         _check_int(src, key, values[key])
     for key in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
         _check_int(src, key, values[key], minimum=0)

@@ -6,8 +6,9 @@ contiguous experts [r*E/ep, (r+1)*E/ep). With attention DP every rank keeps the 
 attention (and dense MLP) and serves its own requests.
 
 `layout_problems` is the single place that decides whether a (model, layout) pair can be
-split: head/expert/vocab divisibility and FP8 128-block alignment of every shard boundary
-(a boundary inside a block would need a scale that belongs to two ranks).
+split: every share must be equal (heads, experts, intermediate sizes divisible). FP8 block
+alignment is not a layout condition: the converter requantises a tensor whose share
+boundary falls inside a block (kimi_trt/convert/units.py).
 """
 
 from __future__ import annotations
@@ -100,52 +101,38 @@ class Mapping:
         )
 
 
-def _split_problem(what: str, size: int, ways: int, block: int | None) -> str | None:
-    if ways == 1:
+def _split_problem(what: str, size: int, ways: int, group: str) -> str | None:
+    if ways == 1 or size % ways == 0:
         return None
-    if size % ways:
-        return f"{what}={size} is not divisible by {ways}"
-    if block and (size // ways) % block:
-        return (
-            f"{what}={size} split {ways} ways gives {size // ways} per rank, "
-            f"not a multiple of the FP8 block size {block}"
-        )
-    return None
+    return f"{what}={size} is not divisible by {ways} ({group})"
 
 
 def layout_problems(model: ModelConfig, m: Mapping) -> list[str]:
-    """Every reason this model cannot be split this way (empty list: it can)."""
-    block = model.weight_block_size[0] if model.weight_block_size else None
-    heads = model.num_attention_heads
+    """Every reason this model cannot be split this way (empty list: it can).
+
+    Only divisibility: every rank holds an equal share. Where a share boundary falls inside
+    an FP8 block, the converter requantises that tensor (kimi_trt/convert/units.py), so
+    block alignment is not a layout condition. The vocab need not divide: it is padded.
+    """
     t = m.attn_tp_size
+    attn = "attention-TP ranks; --attention-dp keeps them whole on every rank"
     checks = [
-        _split_problem("num_attention_heads", heads, t, None),
-        _split_problem("intermediate_size (dense MLP)", model.intermediate_size, t, block),
+        _split_problem("num_attention_heads", model.num_attention_heads, t, attn),
+        _split_problem("intermediate_size (dense MLP)", model.intermediate_size, t, attn),
     ]
-    if heads % t == 0 and t > 1:
-        checks += [
-            _split_problem("q_b_proj rows", heads * model.qk_head_dim, t, block),
-            _split_problem(
-                "kv_b_proj rows", heads * (model.qk_nope_head_dim + model.v_head_dim), t, block
-            ),
-            _split_problem("o_proj columns", heads * model.v_head_dim, t, block),
-        ]
     if model.n_routed_experts:
-        checks.append(
-            _split_problem("n_routed_experts", model.n_routed_experts, m.moe_ep_size, None)
-        )
-        checks.append(
+        checks += [
+            _split_problem("n_routed_experts", model.n_routed_experts, m.moe_ep_size, "EP ranks"),
             _split_problem(
-                "moe_intermediate_size", model.moe_intermediate_size, m.moe_tp_size, block
-            )
-        )
-        shared = model.moe_intermediate_size * model.n_shared_experts
-        checks.append(_split_problem("shared expert intermediate", shared, t, block))
-    if block and model.q_lora_rank % block:
-        checks.append(
-            f"q_lora_rank={model.q_lora_rank} is not a multiple of the FP8 block size {block}: "
-            "q_a_proj and kv_a_proj_with_mqa cannot be fused block-wise"
-        )
+                "moe_intermediate_size", model.moe_intermediate_size, m.moe_tp_size, "MoE-TP ranks"
+            ),
+            _split_problem(
+                "shared expert intermediate (moe_intermediate_size x n_shared_experts)",
+                model.moe_intermediate_size * model.n_shared_experts,
+                t,
+                attn,
+            ),
+        ]
     return [c for c in checks if c]
 
 

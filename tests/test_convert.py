@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kimi_trt.config import Parallelism, WeightFormats, load_model_config
+from kimi_trt.convert.converter import run_conversion
 from kimi_trt.convert.hf_layout import hf_tensors
 from kimi_trt.convert.weight_table import consumed_sources, is_ignored, rank_tensor_specs
 from kimi_trt.mapping import Mapping
@@ -136,30 +137,26 @@ def test_inspect_per_rank_checkpoint(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["int8_wo", "fp8_ue8m0", "bf16", "fp8_block"])
-def test_chunked_requantisation_equals_whole(fmt):
-    """Lossy formats are encoded in row chunks (bounded memory): same bytes as all at once,
-    including a partial last FP8 block."""
-    from kimi_trt.convert.formats import ErrorStats, Piece, encode
-    from kimi_trt.convert.fp8 import quantize_block
-    from kimi_trt.convert.synth import preset_config
-    from kimi_trt.convert.transforms import ENCODE_ROWS, RankContext
-    from kimi_trt.convert.weight_table import LAYER_RULES
+def test_chunked_encoding_equals_whole(fmt, tmp_path, monkeypatch):
+    """Stored matrices are re-encoded in row chunks (bounded memory): the rank file is byte
+    for byte the one written with each matrix encoded at once, with a partial last FP8
+    block (dense fc of 2248 rows) and chunks that cross the up|gate boundary (experts of
+    96 rows each, fp8_block requantised)."""
+    from kimi_trt.convert import transforms
+    from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint
 
-    model = preset_config("tiny")
-    rule = next(r for r in LAYER_RULES if r.target == "mlp.fc" and r.cls == "dense_mlp")
-    formats = WeightFormats(dense_mlp=fmt)
-    ctx = RankContext(None, model, Mapping(), formats, 0)
-    rows = 2 * ENCODE_ROWS + 200
-    q, s = quantize_block(torch.randn(rows, 384, generator=torch.Generator().manual_seed(0)))
-    piece = Piece("w", q, s, (128, 128))
-    parts = list(ctx.encode(piece, rule))
-    assert len(parts) == (3 if fmt != "fp8_block" else 1)
-    whole_w, whole_s = encode(piece, fmt, (128, 128), ErrorStats())
-    assert torch.equal(
-        torch.cat([p[0] for p in parts]).view(torch.uint8), whole_w.view(torch.uint8)
+    cfg = preset_config(
+        "tiny", layers=2, overrides={"intermediate_size": 2248, "moe_intermediate_size": 96}
     )
-    if whole_s is not None:
-        assert torch.equal(torch.cat([p[1] for p in parts]), whole_s)
+    write_synthetic_checkpoint(cfg, tmp_path / "ckpt", seed=2, progress=False)
+    formats = WeightFormats(attention=fmt, dense_mlp=fmt, experts=fmt)
+    files = {}
+    for rows in (128, 10**6):
+        monkeypatch.setattr(transforms, "ENCODE_ROWS", rows)
+        out = tmp_path / f"out{rows}"
+        run_conversion(tmp_path / "ckpt", out, Parallelism(), formats, progress=False)
+        files[rows] = (out / "rank0.safetensors").read_bytes()
+    assert files[128] == files[10**6]
 
 
 def test_absorption_in_head_chunks(tiny_ckpt, monkeypatch):

@@ -184,9 +184,9 @@ def test_output_dir_of_another_model(tiny_ckpt, tiny_groups_ckpt, tmp_path):
 def test_bad_layout_and_format_options(tiny_ckpt, tmp_path):
     out = str(tmp_path / "o")
     assert_user_error(
-        run_convert("--checkpoint", str(tiny_ckpt), "--out", out, "--tp", "8"),
-        "o_proj columns",
-        "FP8 block",
+        run_convert("--checkpoint", str(tiny_ckpt), "--out", out, "--tp", "16"),
+        "num_attention_heads=8 is not divisible by 16",
+        "n_routed_experts=8 is not divisible by 16",
     )
     assert_user_error(
         run_convert("--checkpoint", str(tiny_ckpt), "--out", out, "--tp", "4", "--ep", "3"),

@@ -1,7 +1,8 @@
 import pytest
 
-from kimi_trt.config import load_model_config
+from kimi_trt.config import WeightFormats, load_model_config
 from kimi_trt.convert.synth import preset_config
+from kimi_trt.convert.units import requantisation_plan
 from kimi_trt.errors import ConfigError
 from kimi_trt.mapping import Mapping, check_layout, layout_problems
 from tests.conftest import K2_CONFIG
@@ -42,9 +43,26 @@ def test_k2_layouts():
     problems = layout_problems(k2, Mapping(7, 7, 1, 7))
     assert any("n_routed_experts=384 is not divisible by 7" in p for p in problems)
     assert any("num_attention_heads=64" in p for p in problems)
-    # moe_tp 32: 2048 / 32 = 64 columns per rank, inside an FP8 block
-    with pytest.raises(ConfigError, match="not a multiple of the FP8 block size 128"):
-        check_layout(k2, Mapping(32, 32, 32, 1))
+    # moe_tp 32: 2048 / 32 = 64 rows/columns per rank, inside an FP8 block: the layout
+    # fits; fp8_block experts are requantised (the real layouts copy every byte)
+    odd = Mapping(32, 32, 32, 1, attention_dp=True)
+    assert layout_problems(k2, odd) == []
+    plan = requantisation_plan(k2, odd, WeightFormats())
+    assert set(plan) == {"mlp.fc (experts)", "mlp.proj (experts)"}
+    assert "split at column 64, inside a 128-column FP8 block" in plan["mlp.proj (experts)"]
+    for m in (Mapping(8, 8, 1, 8), Mapping(16, 16, 2, 8), Mapping(8, 8, 1, 8, attention_dp=True)):
+        assert requantisation_plan(k2, m, WeightFormats()) == {}
+
+
+def test_head_count_not_divisible_is_one_clear_line():
+    cfg = preset_config("tiny", overrides={"num_attention_heads": 6})
+    with pytest.raises(ConfigError) as e:
+        check_layout(cfg, Mapping(4, 4, 1, 4))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "num_attention_heads=6 is not divisible by 4 (attention-TP ranks" in msg
+    assert "--attention-dp" in msg
+    assert layout_problems(cfg, Mapping(4, 4, 1, 4, attention_dp=True)) == []
 
 
 def test_tiny_presets_split_for_test_layouts():

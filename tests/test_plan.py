@@ -22,6 +22,7 @@ from kimi_trt.config import (
 from kimi_trt.convert.converter import convert_checkpoint
 from kimi_trt.convert.hf_layout import hf_tensors
 from kimi_trt.convert.synth import preset_config
+from kimi_trt.convert.units import requantisation_plan
 from kimi_trt.convert.weight_table import rank_tensor_specs
 from kimi_trt.errors import ConfigError
 from kimi_trt.gpus import GB, GPUS, device_spec
@@ -112,9 +113,13 @@ def test_layout_names_and_candidates(k2):
     cands = candidate_layouts(8)
     assert {(p.ep, p.moe_tp) for p in cands} == {(8, 1), (4, 2), (2, 4), (1, 8)}
     assert len(cands) == 8
-    # K2's moe_intermediate_size 2048 splits into 128-blocks up to 16 ways
-    ok = [p for p in candidate_layouts(32) if not layout_problems(k2, Mapping.from_parallelism(p))]
-    assert ok and all(p.moe_tp <= 16 for p in ok)
+    # every 32-rank layout splits K2 evenly; only moe_tp 32 (64 rows per rank) cuts FP8
+    # blocks, so its fp8_block experts are requantised rather than copied
+    for p in candidate_layouts(32):
+        mapping = Mapping.from_parallelism(p)
+        assert layout_problems(k2, mapping) == []
+        requant = requantisation_plan(k2, mapping, WeightFormats())
+        assert bool(requant) == (p.moe_tp == 32 or not p.attention_dp), p
 
 
 def _run_plan(*args: str) -> subprocess.CompletedProcess:

@@ -1,10 +1,11 @@
 """`kimi-trt convert`: HF checkpoint -> per-rank checkpoint directory, resumable and verified.
 
-Order of work (docs/design.md "validate before touching weights"): model config, layout check
-(divisibility, FP8 block alignment), every shard's header against the expected tensor
-list, the FP8 scales' values, the output directory (refusing another model's files) -
-and only then the weights, rank by rank, in parallel threads. Rank files already
-complete and matching their recorded sha256 are reused; the manifest comes last.
+Order of work (docs/design.md "validate before touching weights"): model config, layout
+check (divisibility), the fp8_block targets to requantise (block alignment), every shard's
+header against the expected tensor list, the FP8 scales' values, the output directory
+(refusing another model's files) - and only then the weights, rank by rank, in parallel
+threads. Rank files already complete and matching their recorded sha256 are reused; the
+manifest comes last.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from kimi_trt.convert.rank_checkpoint import (
 )
 from kimi_trt.convert.reader import HFCheckpoint
 from kimi_trt.convert.transforms import RankContext
+from kimi_trt.convert.units import requantisation_plan
 from kimi_trt.convert.weight_table import is_ignored, rank_tensor_specs
 from kimi_trt.convert.writer import Cancelled, write_rank
 from kimi_trt.errors import CheckpointError, UserError
@@ -165,6 +167,7 @@ def run_conversion(
     model = load_model_config(checkpoint)
     mapping = Mapping.from_parallelism(parallelism)
     check_layout(model, mapping)
+    requantised = requantisation_plan(model, mapping, formats)
     reader, unknown = HFCheckpoint.open(checkpoint, model)
     if unknown and strict:
         raise CheckpointError(
@@ -205,7 +208,7 @@ def run_conversion(
         bar.close()
     cfg = parse_config(config, str(out / CONFIG_NAME), out)
     entries = [state.ranks[str(r)] for r in range(world)]
-    manifest = build_manifest(out, cfg, entries, _source_summary(reader, unknown))
+    manifest = build_manifest(out, cfg, entries, _source_summary(reader, unknown), requantised)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     if verify:
         verify_dir(out)
@@ -251,6 +254,8 @@ def render_summary(result: ConvertResult) -> str:
         lines.append(f"  {name:<22} {_size(info['bytes']):>10}  {info['sha256'][:12]}  {status}")
     classes = ", ".join(f"{k} {_size(v)}" for k, v in m["bytes_by_class"].items() if v)
     lines.append(f"  classes  {classes}")
+    for target, why in m.get("requantised", {}).items():
+        lines.append(f"  requant  {target}: FP8 blocks do not line up ({why})")
     for cls, err in {**m["requant_error"], **m["derived_error"]}.items():
         if not err["exact"]:
             fmt = err.get("format", "derived")

@@ -1,14 +1,15 @@
-"""Weight formats: how one source piece is stored in a per-rank file, and how to read it back.
+"""Weight formats: how float values are stored in a per-rank file, and how to read them back.
 
-A `Piece` is a slice of one HF tensor as read: FP8 bytes with their block scales (an FP8
-checkpoint) or plain values (a BF16 checkpoint, norms, router). `encode` turns a piece
-into the stored tensors of a format; pieces of one target are encoded separately and
-concatenated along dim 0, which is exact because every format is row-local (per-channel
-scales) or block-local with blocks that never straddle two pieces (the layout check
-guarantees 128-aligned boundaries). `decode_weight` is the inverse used by executors.
+`encode` turns float32 rows of one stored matrix into the tensors of a format and `decode`
+is its exact inverse; the converter measures every lossy write by decoding what it
+encoded (`ErrorStats`), and `decode_weight` is what executors call on a rank file.
+Block formats quantise on the stored matrix's own 128-row grid, so rows are encoded in
+chunks that start on block rows of that matrix (kimi_trt/convert/units.py explains when
+the checkpoint's FP8 bytes can be copied instead).
 
 Formats (docs/per-rank-checkpoint.md):
-  fp8_block  e4m3 bytes + fp32 `weight_scale_inv` per 128x128 block, copied exactly
+  fp8_block  e4m3 bytes + fp32 `weight_scale_inv` per 128x128 block (copied where the
+             blocks line up, else requantised)
   fp8_ue8m0  same layout, scales rounded up to powers of two (requantised)
   bf16/fp32  dequantised values
   int8_wo    int8 [.., out, in] + fp32 `per_channel_scale` [.., out]: w = q * s[.., out, None]
@@ -30,26 +31,13 @@ from kimi_trt.convert.fp8 import (
 
 
 @dataclass
-class Piece:
-    """One slice of a source tensor: `q` (values or FP8 bytes) and, for FP8, its block scales."""
-
-    source: str
-    q: torch.Tensor
-    scale: torch.Tensor | None = None
-    block: tuple[int, int] | None = None
-
-    def dequantized(self) -> torch.Tensor:
-        if self.scale is None:
-            return self.q.to(torch.float32)
-        return dequantize_block(self.q, self.scale, self.block)
-
-
-@dataclass
 class ErrorStats:
-    """Requantisation error of one tensor class: per-piece max ratio and summed magnitudes.
+    """Measured error of one tensor class: per-piece max ratio and summed magnitudes.
 
-    max_rel = max over pieces of max|w' - w| / max|w|; mean_rel = sum|w' - w| / sum|w|.
-    A gathered source tensor therefore satisfies max|w' - w| <= max_rel * max|w|.
+    A piece is a slice of one source tensor as written; w is its source value, w' the
+    decoded stored value. max_rel = max over pieces of max|w' - w| / max|w|, so a gathered
+    source tensor satisfies max|w' - w| <= max_rel * max|w|. mean_rel = sum|w' - w| /
+    sum|w| over the re-encoded pieces (pieces copied byte for byte add none).
     """
 
     max_rel: float = 0.0
@@ -71,6 +59,10 @@ class ErrorStats:
         self.abs_err_sum += float(diff.sum())
         self.abs_sum += float(mag.sum())
         self.pieces += diff.shape[0]
+
+    def add_exact(self, pieces: int) -> None:
+        """Account pieces whose decoded value was shown equal to the source (zero error)."""
+        self.pieces += pieces
 
     def merge(self, other: ErrorStats) -> None:
         self.max_rel = max(self.max_rel, other.max_rel)
@@ -99,26 +91,29 @@ class ErrorStats:
 
 
 def encode(
-    piece: Piece, fmt: str, block: tuple[int, int], stats: ErrorStats | None
+    w: torch.Tensor, fmt: str, block: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Store `piece` in `fmt`: (weight, scale or None). Lossy paths add to `stats`."""
-    if fmt == "fp8_block" and piece.scale is not None and piece.block == block:
-        return piece.q, piece.scale
-    w = piece.dequantized()
+    """Store float values `w` [.., rows, cols] in `fmt`: (weight, scale or None)."""
     if fmt in ("fp8_block", "fp8_ue8m0"):
-        q, s = quantize_block(w, block, power_of_two=fmt == "fp8_ue8m0")
-        approx = dequantize_block(q, s, block)
-    elif fmt == "int8_wo":
-        q, s = quantize_int8_per_channel(w)
-        approx = q.to(torch.float32) * s.unsqueeze(-1)
-    elif fmt in ("bf16", "fp32", "asis_bf16", "asis_fp32"):
-        q, s = w.to(torch.float32 if fmt.endswith("fp32") else torch.bfloat16), None
-        approx = q
-    else:
-        raise ValueError(f"unknown weight format {fmt!r}")
-    if stats is not None:
-        stats.add(w, approx)
-    return q, s
+        return quantize_block(w, block, power_of_two=fmt == "fp8_ue8m0")
+    if fmt == "int8_wo":
+        return quantize_int8_per_channel(w)
+    if fmt in ("bf16", "fp32"):
+        return w.to(torch.float32 if fmt == "fp32" else torch.bfloat16), None
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def decode(
+    q: torch.Tensor, scale: torch.Tensor | None, fmt: str, block: tuple[int, int] | None
+) -> torch.Tensor:
+    """Float32 value of a stored weight (and its scale) in `fmt`: the inverse of `encode`."""
+    if fmt in ("fp8_block", "fp8_ue8m0"):
+        return dequantize_block(q, scale, block or (128, 128))
+    if fmt == "int8_wo":
+        return q.to(torch.float32) * scale.unsqueeze(-1)
+    if q.dtype == FP8_DTYPE:
+        raise ValueError(f"FP8 tensor but format {fmt!r}")
+    return q.to(torch.float32)
 
 
 def decode_weight(
@@ -130,11 +125,12 @@ def decode_weight(
     Works for 2-D weights and stacked 3-D expert weights.
     """
     base = name.removesuffix(".weight")
-    q = get(name)
+    scale = None
     if fmt in ("fp8_block", "fp8_ue8m0"):
-        return dequantize_block(q, get(base + ".weight_scale_inv"), block or (128, 128))
-    if fmt == "int8_wo":
-        return q.to(torch.float32) * get(base + ".per_channel_scale").unsqueeze(-1)
-    if q.dtype == FP8_DTYPE:
-        raise ValueError(f"{name}: FP8 tensor but format {fmt!r}")
-    return q.to(torch.float32)
+        scale = get(base + ".weight_scale_inv")
+    elif fmt == "int8_wo":
+        scale = get(base + ".per_channel_scale")
+    try:
+        return decode(get(name), scale, fmt, block)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None

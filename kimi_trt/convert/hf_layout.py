@@ -72,45 +72,72 @@ def _norm(name: str, dim: int, layer: int | None) -> HFTensor:
     return HFTensor(name + ".weight", torch.bfloat16, (dim,), "norms", layer)
 
 
-def _mlp(cfg: ModelConfig, prefix: str, inter: int, cls: str, layer: int) -> list[HFTensor]:
-    h = cfg.hidden_size
-    return (
-        _linear(cfg, prefix + ".gate_proj", inter, h, cls, layer)
-        + _linear(cfg, prefix + ".up_proj", inter, h, cls, layer)
-        + _linear(cfg, prefix + ".down_proj", h, inter, cls, layer)
-    )
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear weight of a decoder layer, by its name relative to
+    `model.layers.L.` (routed experts as `mlp.experts.{E}.*`): the one place source shapes
+    come from (this listing, the weight table's slices, the planner)."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    a = "self_attn."
+    shapes: dict[str, tuple[int, int]] = {}
+    if cfg.q_lora_rank is None:
+        shapes[a + "q_proj"] = (heads * cfg.qk_head_dim, h)
+    else:
+        shapes[a + "q_a_proj"] = (cfg.q_lora_rank, h)
+        shapes[a + "q_b_proj"] = (heads * cfg.qk_head_dim, cfg.q_lora_rank)
+    shapes[a + "kv_a_proj_with_mqa"] = (cfg.kv_a_width, h)
+    shapes[a + "kv_b_proj"] = (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+    shapes[a + "o_proj"] = (h, heads * cfg.v_head_dim)
+    for prefix, inter in (
+        ("mlp.", cfg.intermediate_size),
+        ("mlp.experts.{E}.", cfg.moe_intermediate_size),
+        ("mlp.shared_experts.", cfg.moe_intermediate_size * cfg.n_shared_experts),
+    ):
+        shapes[prefix + "gate_proj"] = (inter, h)
+        shapes[prefix + "up_proj"] = (inter, h)
+        shapes[prefix + "down_proj"] = (h, inter)
+    return shapes
+
+
+def _linears(
+    cfg: ModelConfig, layer: int, shapes: dict[str, tuple[int, int]], names: list[str], cls: str
+) -> list[HFTensor]:
+    out: list[HFTensor] = []
+    for name in names:
+        out += _linear(cfg, f"model.layers.{layer}.{name}", *shapes[name], cls, layer)
+    return out
+
+
+def _mlp(prefix: str) -> list[str]:
+    return [prefix + p for p in ("gate_proj", "up_proj", "down_proj")]
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list[HFTensor]:
     """Every tensor of decoder layer i (attention, norms, dense MLP or MoE)."""
     p = f"model.layers.{i}"
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    h, shapes = cfg.hidden_size, linear_shapes(cfg)
     a = f"{p}.self_attn"
     out = [_norm(f"{p}.input_layernorm", h, i), _norm(f"{p}.post_attention_layernorm", h, i)]
-    out += _linear(cfg, f"{a}.q_a_proj", cfg.q_lora_rank, h, "attention", i)
-    out.append(_norm(f"{a}.q_a_layernorm", cfg.q_lora_rank, i))
-    out += _linear(cfg, f"{a}.q_b_proj", heads * cfg.qk_head_dim, cfg.q_lora_rank, "attention", i)
-    out += _linear(cfg, f"{a}.kv_a_proj_with_mqa", cfg.kv_a_width, h, "attention", i)
+    if cfg.q_lora_rank is None:
+        out += _linears(cfg, i, shapes, ["self_attn.q_proj"], "attention")
+    else:
+        out += _linears(cfg, i, shapes, ["self_attn.q_a_proj"], "attention")
+        out.append(_norm(f"{a}.q_a_layernorm", cfg.q_lora_rank, i))
+        out += _linears(cfg, i, shapes, ["self_attn.q_b_proj"], "attention")
+    out += _linears(cfg, i, shapes, ["self_attn.kv_a_proj_with_mqa"], "attention")
     out.append(_norm(f"{a}.kv_a_layernorm", cfg.kv_lora_rank, i))
-    out += _linear(
-        cfg,
-        f"{a}.kv_b_proj",
-        heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-        cfg.kv_lora_rank,
-        "attention",
-        i,
-    )
-    out += _linear(cfg, f"{a}.o_proj", h, heads * cfg.v_head_dim, "attention", i)
+    out += _linears(cfg, i, shapes, ["self_attn.kv_b_proj", "self_attn.o_proj"], "attention")
     if cfg.layer_kinds[i] == "dense":
-        return out + _mlp(cfg, f"{p}.mlp", cfg.intermediate_size, "dense_mlp", i)
+        return out + _linears(cfg, i, shapes, _mlp("mlp."), "dense_mlp")
     e = cfg.n_routed_experts
     out.append(HFTensor(f"{p}.mlp.gate.weight", torch.bfloat16, (e, h), "router", i))
     out.append(HFTensor(f"{p}.mlp.gate.e_score_correction_bias", torch.float32, (e,), "router", i))
+    expert = _mlp("mlp.experts.{E}.")
     for x in range(e):
-        out += _mlp(cfg, f"{p}.mlp.experts.{x}", cfg.moe_intermediate_size, "experts", i)
+        for name in expert:
+            full = f"{p}.{name.format(E=x)}"
+            out += _linear(cfg, full, *shapes[name], "experts", i)
     if cfg.n_shared_experts:
-        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        out += _mlp(cfg, f"{p}.mlp.shared_experts", inter, "shared_expert", i)
+        out += _linears(cfg, i, shapes, _mlp("mlp.shared_experts."), "shared_expert")
     return out
 
 

@@ -93,9 +93,17 @@ def _merge_errors(
 
 
 def build_manifest(
-    out: Path, cfg: RankCheckpointConfig, entries: list[dict[str, Any]], source: dict[str, Any]
+    out: Path,
+    cfg: RankCheckpointConfig,
+    entries: list[dict[str, Any]],
+    source: dict[str, Any],
+    requantised: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """manifest.json content from the per-rank state entries (in rank order)."""
+    """manifest.json content from the per-rank state entries (in rank order).
+
+    Errors are the ones measured while writing (`formats.ErrorStats`): a class is `exact`
+    only if every written piece decoded to its source value. `requantised` names the
+    fp8_block targets whose blocks did not line up (`units.requantisation_plan`)."""
     formats = cfg.formats
     by_format = {c: formats.for_class(c) for c in ("attention", "dense_mlp", "experts")}
     by_format |= {"shared_expert": formats.for_class("shared_expert")}
@@ -127,6 +135,7 @@ def build_manifest(
         "bytes_by_class": totals,
         "requant_error": _merge_errors(entries, "stats", by_format),
         "derived_error": _merge_errors(entries, "derived", None),
+        "requantised": dict(requantised or {}),
         "source": source,
     }
 

@@ -9,9 +9,9 @@ with `os.preadv` straight into a tensor at the offsets the header gives - never 
 shard, never the whole model. (Not mmap/`safe_open`: every mapped page a process touches
 counts toward its resident memory until unmapped, so RSS would grow with the model;
 a pread leaves nothing behind but the page cache, and skips one copy.)
-Slices that are stored verbatim (FP8 bytes and their scales, by whole rows) are not read
-here at all: `raw_piece`/`raw_rows` return their byte ranges (`FileSlice`) and the rank
-writer streams them file to file.
+FP8 bytes stored verbatim (by whole rows) are not read here at all: `fp8_slice`/`raw_rows`
+return their byte ranges (`FileSlice`) and the rank writer streams them file to file.
+Everything else is read as values (`values`: dequantised float32, any slice bounds).
 Every error is one line naming the file and the tensor.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from kimi_trt.config import ModelConfig
-from kimi_trt.convert.formats import Piece
+from kimi_trt.convert.fp8 import dequantize_block
 from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
 from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE, FileSlice
 from kimi_trt.convert.weight_table import consumed_sources, is_ignored
@@ -180,23 +180,6 @@ class HFCheckpoint:
             out[a - r0 : a - r0 + part.shape[0]] = part[:, c0:c1]
         return out
 
-    def piece(
-        self, base: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> Piece:
-        """Slice of a linear weight `base` (+ its block scales in an FP8 checkpoint).
-
-        Slice bounds must be block multiples (or the dimension's end): guaranteed by the
-        layout check, asserted here with a clear error.
-        """
-        name = base + ".weight"
-        q = self.read(name, rows, cols)
-        if self.block is None:
-            return Piece(name, q)
-        srows = self._block_range(name, rows, 0)
-        scols = self._block_range(name, cols, 1)
-        scale = self.read(base + ".weight_scale_inv", srows, scols)
-        return Piece(name, q, scale, self.block)
-
     def raw_rows(self, name: str, rows: tuple[int, int] | None = None) -> FileSlice:
         """The byte range of rows [r0, r1) of `name` (whole tensor without `rows`)."""
         info = self.tensors[name]
@@ -211,35 +194,44 @@ class HFCheckpoint:
             (r1 - r0, *shape[1:]),
         )
 
-    def raw_piece(
-        self, base: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> tuple[FileSlice, FileSlice] | None:
-        """`piece` as byte ranges (FP8 weight, block scales), or None when not contiguous.
-
-        Contiguous means whole rows: no `cols`, or cols spanning dim 1. Same block checks
-        (and errors) as `piece`.
-        """
+    def values(self, base: str, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """Float32 values of rows x cols of the linear weight `base`, any bounds: in an FP8
+        checkpoint the covering blocks are read and dequantised, then cropped."""
         name = base + ".weight"
         if self.block is None:
-            return None
-        width = self.tensors[name].shape[1]
-        if cols is not None and cols != (0, width):
-            return None
-        srows = self._block_range(name, rows, 0)
-        return self.raw_rows(name, rows), self.raw_rows(base + ".weight_scale_inv", srows)
+            return self.read(name, rows, cols).to(torch.float32)
+        b0, b1 = self.block
+        n_rows, n_cols = self.tensors[name].shape
+        (r0, r1), (c0, c1) = rows, cols
+        big_rows = (r0 // b0 * b0, min(math.ceil(r1 / b0) * b0, n_rows))
+        big_cols = (c0 // b1 * b1, min(math.ceil(c1 / b1) * b1, n_cols))
+        q = self.read(name, big_rows, big_cols)
+        scale = self.read(
+            base + ".weight_scale_inv",
+            (big_rows[0] // b0, math.ceil(big_rows[1] / b0)),
+            (big_cols[0] // b1, math.ceil(big_cols[1] / b1)),
+        )
+        w = dequantize_block(q, scale, self.block)
+        return w[r0 - big_rows[0] : r1 - big_rows[0], c0 - big_cols[0] : c1 - big_cols[0]]
 
-    def _block_range(
-        self, name: str, span: tuple[int, int] | None, dim: int
-    ) -> tuple[int, int] | None:
-        if span is None:
-            return None
-        b, full = self.block[dim], self.tensors[name].shape[dim]
-        start, end = span
-        if start % b or (end % b and end != full):
-            raise CheckpointError(
-                f"{name}: slice [{start}, {end}) of dim {dim} is not on {b}-element FP8 blocks"
-            )
-        return start // b, math.ceil(end / b)
+    def fp8_slice(
+        self, base: str, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> tuple[FileSlice | torch.Tensor, torch.Tensor]:
+        """FP8 bytes and block scales of a block-aligned slice, to be stored verbatim: the
+        bytes as their file range when the slice is whole rows (the writer copies them
+        file to file), else read; the scales always read (the caller checks them)."""
+        name = base + ".weight"
+        (b0, b1), width = self.block, self.tensors[name].shape[1]
+        if rows[0] % b0 or cols[0] % b1:
+            raise ValueError(f"{name}: slice {rows} x {cols} does not start on an FP8 block")
+        scale = self.read(
+            base + ".weight_scale_inv",
+            (rows[0] // b0, math.ceil(rows[1] / b0)),
+            (cols[0] // b1, math.ceil(cols[1] / b1)),
+        )
+        if cols == (0, width):
+            return self.raw_rows(name, rows), scale
+        return self.read(name, rows, cols), scale
 
     def check_scales(self) -> None:
         """Refuse NaN/Inf/non-positive block scales (reads only the scale tensors)."""

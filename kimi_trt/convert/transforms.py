@@ -1,32 +1,48 @@
 """The named transforms of the weight table, applied for one rank.
 
-Each transform reads the rank's slices of its HF sources (`HFCheckpoint.piece/read`),
-stores them in the target's format and yields the stored tensor in consecutive parts
-as consecutive row-major chunks (a part is one source slice, one head or a block of
-vocab rows), so a rank file is written with at most one part in memory. A part kept
-byte for byte (fp8_block from an FP8 checkpoint, bf16 vocab rows) is yielded as a
-`FileSlice` - its source byte range - and copied by the writer without being read here.
-`TRANSFORMS` maps the names used in `weight_table.Rule.transform` to these functions.
+Each transform yields its target's stored tensor in consecutive parts (consecutive
+row-major chunks), so a rank file is written with at most one part in memory.
+
+Linear targets (`copy`, `concat_rows`, `experts_up_gate`, `experts_down` of a linear rule)
+are built one stored matrix at a time from `units.rule_units`. A matrix whose FP8 blocks
+line up (`units.misalignment`) is copied verbatim from an FP8 checkpoint into fp8_block:
+its bytes go to the writer as `FileSlice`s, copied file to file. Every other matrix is
+decoded to float32 and re-encoded in row chunks on its own block grid - requantised with
+fresh scales when it is block-FP8. The error recorded in `ctx.stats` is measured on what
+is written, never assumed: re-encoded chunks are decoded and compared with the source
+values; a copied matrix's written scales are compared row by row with its source's
+(`units.copy_scale_mismatch`). `TRANSFORMS` maps the names used in
+`weight_table.Rule.transform` to these functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
 from kimi_trt.config import ModelConfig, WeightFormats
-from kimi_trt.convert.formats import ErrorStats, Piece, encode
+from kimi_trt.convert.formats import ErrorStats, decode, encode
+from kimi_trt.convert.hf_layout import linear_shapes
 from kimi_trt.convert.reader import HFCheckpoint
 from kimi_trt.convert.safetensors_io import ST_TO_DTYPE, FileSlice
+from kimi_trt.convert.units import (
+    Unit,
+    attn_span,
+    copies_fp8,
+    copy_scale_mismatch,
+    misalignment,
+    rule_units,
+)
 from kimi_trt.convert.weight_table import Rule, format_of, mla_dtype, vocab_size_padded
 from kimi_trt.mapping import Mapping
 
 Stored = torch.Tensor | FileSlice
 Part = tuple[Stored, Stored | None]  # (stored weight slice, its scale slice)
 VOCAB_ROWS_PER_PART = 8192
-ENCODE_ROWS = 1024  # rows requantised at once (a multiple of the FP8 block)
+ENCODE_ROWS = 1024  # rows re-encoded at once (rounded to a multiple of the FP8 block)
 ABSORB_HEADS = 8  # heads of fused_q_proj computed at once
 
 
@@ -46,123 +62,94 @@ class RankContext:
     def block(self) -> tuple[int, int]:
         return self.model.weight_block_size or (128, 128)
 
-    def span(self, n: int, ways: int, index: int) -> tuple[int, int]:
-        return index * n // ways, (index + 1) * n // ways
-
     def attn_span(self, n: int) -> tuple[int, int]:
-        m = self.mapping
-        return self.span(n, m.attn_tp_size, m.attn_tp_rank(self.rank))
+        return attn_span(self.mapping, self.rank, n)
 
-    def moe_span(self, n: int) -> tuple[int, int]:
-        m = self.mapping
-        return self.span(n, m.moe_tp_size, m.moe_tp_rank(self.rank))
-
-    def stored(
-        self,
-        base: str,
-        rule: Rule,
-        rows: tuple[int, int] | None = None,
-        cols: tuple[int, int] | None = None,
-    ) -> Iterator[Part]:
-        """`base`'s slice in its rule's format: its byte ranges when fp8_block keeps the
-        checkpoint's bytes and the slice is whole rows, else read and `encode`d."""
-        if format_of(rule, self.formats) == "fp8_block":
-            raw = self.reader.raw_piece(base, rows, cols)
-            if raw is not None:
-                self.stats.setdefault(rule.cls, ErrorStats())  # exact: no error to add
-                yield raw
-                return
-        yield from self.encode(self.reader.piece(base, rows, cols), rule)
-
-    def encode(self, piece: Piece, rule: Rule) -> Iterator[Part]:
-        """Store a piece in its rule's format; requantised in row chunks (bounded memory)."""
+    def linear(self, rule: Rule, layer: int) -> Iterator[Part]:
+        """A linear target, stored matrix by stored matrix, in its class's format."""
         fmt = format_of(rule, self.formats)
         stats = self.stats.setdefault(rule.cls, ErrorStats())
-        rows_per_block = (piece.block or self.block)[0]
-        step = rows_per_block * max(1, ENCODE_ROWS // rows_per_block)
-        rows = piece.q.shape[0]
-        if rows <= step or (fmt == "fp8_block" and piece.block == self.block):
-            yield encode(piece, fmt, self.block, stats)
-            return
-        for a in range(0, rows, step):
-            scale = None
-            if piece.scale is not None:
-                scale = piece.scale[a // rows_per_block : -(-(a + step) // rows_per_block)]
-            sub = Piece(piece.source, piece.q[a : a + step], scale, piece.block)
-            yield encode(sub, fmt, self.block, stats)
+        copy = copies_fp8(rule, self.model, self.formats)
+        for unit in rule_units(rule, self.model, self.mapping, self.rank, layer):
+            if copy and misalignment(unit, self.block) is None:
+                yield from self._copied(unit, stats)
+            else:
+                yield from self._encoded(unit, fmt, stats)
+
+    def _copied(self, unit: Unit, stats: ErrorStats) -> Iterator[Part]:
+        """The unit's FP8 bytes and scales verbatim, after checking the scale grid."""
+        parts = [self.reader.fp8_slice(r.source, r.rows, r.cols) for r in unit]
+        bad = copy_scale_mismatch(unit, [s for _, s in parts], self.block)
+        if bad:
+            raise RuntimeError(
+                f"{unit[0].source}: a verbatim FP8 copy would decode {bad} row(s) with another "
+                "block's scale (the copy plan is wrong)"
+            )
+        stats.add_exact(len(unit))
+        yield from parts
+
+    def _encoded(self, unit: Unit, fmt: str, stats: ErrorStats) -> Iterator[Part]:
+        """The unit decoded and re-encoded in chunks of whole blocks of its own grid;
+        each chunk's written value is decoded and measured against its source slices."""
+        offsets = list(accumulate((r.nrows for r in unit), initial=0))
+        b = self.block[0]
+        step = b * max(1, ENCODE_ROWS // b)
+        for a in range(0, offsets[-1], step):
+            z = min(a + step, offsets[-1])
+            pieces = [
+                self.reader.values(r.source, (r.rows[0] + lo - o, r.rows[0] + hi - o), r.cols)
+                for r, o in zip(unit, offsets, strict=False)
+                if (lo := max(a, o)) < (hi := min(z, o + r.nrows))
+            ]
+            q, scale = encode(torch.cat(pieces), fmt, self.block)
+            got = decode(q, scale, fmt, self.block)
+            for want, back in zip(pieces, got.split([len(p) for p in pieces]), strict=True):
+                stats.add(want, back)
+            yield q, scale
 
 
-def _base(rule_source: str, layer: int | None, expert: int | None = None) -> str:
-    name = rule_source.format(E=expert) if expert is not None else rule_source
-    return f"model.layers.{layer}.{name}" if layer is not None else name
-
-
-def _dim0_size(ctx: RankContext, base: str) -> int:
-    name = base if base in ctx.reader.tensors else base + ".weight"
-    return ctx.reader.tensors[name].shape[0]
-
-
-def _dim1_size(ctx: RankContext, base: str) -> int:
-    return ctx.reader.tensors[base + ".weight"].shape[1]
+def _base(rule_source: str, layer: int | None) -> str:
+    return f"model.layers.{layer}.{rule_source}" if layer is not None else rule_source
 
 
 def copy(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     """Norms as-is; linear weights sliced by rows/cols over attention TP (or whole)."""
-    base = _base(rule.sources[0], layer)
     if rule.kind == "norm":
-        yield ctx.reader.read(base).to(torch.bfloat16), None
+        yield ctx.reader.read(_base(rule.sources[0], layer)).to(torch.bfloat16), None
         return
-    rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
-    cols = ctx.attn_span(_dim1_size(ctx, base)) if rule.shard == "cols" else None
-    yield from ctx.stored(base, rule, rows, cols)
+    yield from ctx.linear(rule, layer)
 
 
-def concat_rows(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """Sources stacked on dim 0, each sliced first when the target is split by rows."""
-    for src in rule.sources:
-        base = _base(src, layer)
-        rows = ctx.attn_span(_dim0_size(ctx, base)) if rule.shard == "rows" else None
-        yield from ctx.stored(base, rule, rows)
+def linear(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
+    """Fusions of linear weights (q_a|kv_a, up|gate, stacked experts): see `units.rule_units`."""
+    yield from ctx.linear(rule, layer)
 
 
 def to_fp32(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     yield ctx.reader.read(_base(rule.sources[0], layer)).to(torch.float32), None
 
 
-def experts_up_gate(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """Per local expert: up rows of this moe_tp rank, then its gate rows ([El, 2Il, H])."""
-    rows = ctx.moe_span(ctx.model.moe_intermediate_size)
-    for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
-        for src in rule.sources:
-            yield from ctx.stored(_base(src, layer, e), rule, rows)
-
-
-def experts_down(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """Per local expert: the down_proj columns of this moe_tp rank ([El, H, Il])."""
-    cols = ctx.moe_span(ctx.model.moe_intermediate_size)
-    for e in ctx.mapping.experts_of(ctx.rank, ctx.model.n_routed_experts):
-        yield from ctx.stored(_base(rule.sources[0], layer, e), rule, None, cols)
-
-
 def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    """fused_q_proj of the local heads: per head [Wk_nope^T @ Wq_nope ; Wq_pe], in float32."""
+    """fused_q_proj of the local heads: per head [Wk_nope^T @ Wq_nope ; Wq_pe], in float32.
+
+    Wq is q_b_proj (input q_lora_rank) or, without q LoRA, q_proj (input hidden_size).
+    """
     m = ctx.model
     heads = m.num_attention_heads // ctx.mapping.attn_tp_size
+    (q_rows, q_in), (kv_rows, _) = (linear_shapes(m)[s] for s in rule.sources)
     q_base, kv_base = (_base(s, layer) for s in rule.sources)
-    wq = ctx.reader.piece(q_base, ctx.attn_span(m.num_attention_heads * m.qk_head_dim))
-    wkv = ctx.reader.piece(
-        kv_base, ctx.attn_span(m.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim))
-    )
-    wq = wq.dequantized().view(heads, m.qk_head_dim, m.q_lora_rank)
-    wkv = wkv.dequantized().view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+    wq = ctx.reader.values(q_base, ctx.attn_span(q_rows), (0, q_in))
+    wkv = ctx.reader.values(kv_base, ctx.attn_span(kv_rows), (0, m.kv_lora_rank))
+    wq = wq.view(heads, m.qk_head_dim, q_in)
+    wkv = wkv.view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
     nope, dtype = m.qk_nope_head_dim, mla_dtype(ctx.formats)
     stats = ctx.derived.setdefault(rule.target, ErrorStats())
     for h in range(0, heads, ABSORB_HEADS):
         q, kv = wq[h : h + ABSORB_HEADS], wkv[h : h + ABSORB_HEADS]
         exact = torch.cat([torch.einsum("hdq,hdk->hkq", q[:, :nope], kv[:, :nope]), q[:, nope:]], 1)
-        stored = exact.to(dtype)  # [heads in chunk, kl + rope, ql]
+        stored = exact.to(dtype)  # [heads in chunk, kl + rope, q_in]
         stats.add(exact, stored, pieces_dim0=True)
-        yield stored.reshape(-1, m.q_lora_rank), None
+        yield stored.reshape(-1, q_in), None
 
 
 def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -186,10 +173,10 @@ def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]
 
 TRANSFORMS: dict[str, Callable[[RankContext, Rule, int | None], Iterator[Part]]] = {
     "copy": copy,
-    "concat_rows": concat_rows,
+    "concat_rows": linear,
     "to_fp32": to_fp32,
-    "experts_up_gate": experts_up_gate,
-    "experts_down": experts_down,
+    "experts_up_gate": linear,
+    "experts_down": linear,
     "absorb_q": absorb_q,
     "pad_vocab": pad_vocab,
 }

@@ -28,6 +28,7 @@ import torch
 
 from kimi_trt.config import ModelConfig, WeightFormats
 from kimi_trt.convert.fp8 import FP8_DTYPE
+from kimi_trt.convert.hf_layout import linear_shapes
 from kimi_trt.mapping import Mapping
 
 FORMAT_VERSION = 1
@@ -54,6 +55,7 @@ class Rule:
     kind: str  # linear | norm | router | embedding | derived
     scope: str = "all"  # all | dense | moe | shared (MoE layer with a shared expert)
     inner: str | None = None  # experts only: rows | cols split over moe_tp
+    attn: str = "any"  # any | lora (q_lora_rank set) | direct (q_lora_rank null: q_proj)
 
 
 LAYER_RULES: tuple[Rule, ...] = (
@@ -67,6 +69,16 @@ LAYER_RULES: tuple[Rule, ...] = (
         "replicate",
         "concat_rows",
         "linear",
+        attn="lora",
+    ),
+    Rule(
+        "attention.fused_a",
+        ("self_attn.kv_a_proj_with_mqa",),
+        "attention",
+        "replicate",
+        "copy",
+        "linear",
+        attn="direct",
     ),
     Rule(
         "attention.q_a_layernorm.weight",
@@ -75,6 +87,7 @@ LAYER_RULES: tuple[Rule, ...] = (
         "replicate",
         "copy",
         "norm",
+        attn="lora",
     ),
     Rule(
         "attention.kv_a_layernorm.weight",
@@ -84,7 +97,24 @@ LAYER_RULES: tuple[Rule, ...] = (
         "copy",
         "norm",
     ),
-    Rule("attention.q_b_proj", ("self_attn.q_b_proj",), "attention", "rows", "copy", "linear"),
+    Rule(
+        "attention.q_b_proj",
+        ("self_attn.q_b_proj",),
+        "attention",
+        "rows",
+        "copy",
+        "linear",
+        attn="lora",
+    ),
+    Rule(
+        "attention.q_proj",
+        ("self_attn.q_proj",),
+        "attention",
+        "rows",
+        "copy",
+        "linear",
+        attn="direct",
+    ),
     Rule("attention.kv_b_proj", ("self_attn.kv_b_proj",), "attention", "rows", "copy", "linear"),
     Rule(
         "attention.fused_q_proj",
@@ -93,6 +123,16 @@ LAYER_RULES: tuple[Rule, ...] = (
         "rows",
         "absorb_q",
         "derived",
+        attn="lora",
+    ),
+    Rule(
+        "attention.fused_q_proj",
+        ("self_attn.q_proj", "self_attn.kv_b_proj"),
+        "attention",
+        "rows",
+        "absorb_q",
+        "derived",
+        attn="direct",
     ),
     Rule("attention.dense", ("self_attn.o_proj",), "attention", "cols", "copy", "linear"),
     Rule(
@@ -232,6 +272,8 @@ def format_of(rule: Rule, formats: WeightFormats) -> str:
 
 
 def rule_applies(rule: Rule, model: ModelConfig, layer: int) -> bool:
+    if rule.attn != "any" and rule.attn != ("direct" if model.q_lora_rank is None else "lora"):
+        return False
     kind = model.layer_kinds[layer]
     if rule.scope == "all":
         return True
@@ -240,37 +282,34 @@ def rule_applies(rule: Rule, model: ModelConfig, layer: int) -> bool:
     return rule.scope == kind
 
 
+_NORM_SHAPES = {
+    "attention.q_a_layernorm.weight": lambda m: (m.q_lora_rank,),
+    "attention.kv_a_layernorm.weight": lambda m: (m.kv_lora_rank,),
+    "mlp.router.weight": lambda m: (m.n_routed_experts, m.hidden_size),
+    "mlp.e_score_correction_bias": lambda m: (m.n_routed_experts,),
+    "transformer.vocab_embedding.weight": lambda m: (m.vocab_size, m.hidden_size),
+    "lm_head.weight": lambda m: (m.vocab_size, m.hidden_size),
+}
+
+
 def full_shape(rule: Rule, model: ModelConfig) -> tuple[int, ...]:
-    """Logical (unsharded, unpadded) shape of a rule's target weight."""
-    h, heads = model.hidden_size, model.num_attention_heads
-    shared = model.moe_intermediate_size * model.n_shared_experts
-    shapes: dict[str, tuple[int, ...]] = {
-        "attention.fused_a": (model.q_lora_rank + model.kv_a_width, h),
-        "attention.q_b_proj": (heads * model.qk_head_dim, model.q_lora_rank),
-        "attention.kv_b_proj": (
-            heads * (model.qk_nope_head_dim + model.v_head_dim),
-            model.kv_lora_rank,
-        ),
-        "attention.fused_q_proj": (heads * model.kv_a_width, model.q_lora_rank),
-        "attention.dense": (h, heads * model.v_head_dim),
-        "attention.q_a_layernorm.weight": (model.q_lora_rank,),
-        "attention.kv_a_layernorm.weight": (model.kv_lora_rank,),
-        "mlp.router.weight": (model.n_routed_experts, h),
-        "mlp.e_score_correction_bias": (model.n_routed_experts,),
-        "mlp.shared_expert.fc": (2 * shared, h),
-        "mlp.shared_expert.proj": (h, shared),
-        "transformer.vocab_embedding.weight": (model.vocab_size, h),
-        "lm_head.weight": (model.vocab_size, h),
-    }
-    if rule.target in shapes:
-        return shapes[rule.target]
-    if rule.cls == "dense_mlp":
-        d = model.intermediate_size
-        return (h, d) if rule.target == "mlp.proj" else (d, h)
-    if rule.cls == "experts":
-        e, i = model.n_routed_experts, model.moe_intermediate_size
-        return (e, h, i) if rule.target == "mlp.proj" else (e, 2 * i, h)
-    return (h,)  # input/post/final norms
+    """Logical (unsharded, unpadded) shape of a rule's target weight.
+
+    Linear targets stack their sources' rows (`hf_layout.linear_shapes`); expert targets
+    add the expert dimension; the absorbed q projection has kl + rope rows per head.
+    """
+    if rule.kind in ("linear", "derived"):
+        shapes = linear_shapes(model)
+        src = [shapes[s] for s in rule.sources]
+        if rule.kind == "derived":
+            return (model.num_attention_heads * model.kv_a_width, src[0][1])
+        rows = sum(s[0] for s in src)
+        if rule.shard == "experts":
+            return (model.n_routed_experts, rows, src[0][1])
+        return (rows, src[0][1])
+    if rule.target in _NORM_SHAPES:
+        return _NORM_SHAPES[rule.target](model)
+    return (model.hidden_size,)  # input/post/final norms
 
 
 def rank_shape(rule: Rule, model: ModelConfig, mapping: Mapping) -> tuple[int, ...]:
