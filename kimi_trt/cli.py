@@ -119,7 +119,8 @@ def inspect(path: Path, as_json: bool) -> None:
     multiple=True,
     metavar="CLASS=FORMAT",
     help="Weight format of a tensor class, repeatable: attention, dense_mlp, shared_expert, "
-    "experts = fp8_block|fp8_ue8m0|int8_wo|bf16|fp32; embeddings = bf16|fp32. "
+    "experts = fp8_block|fp8_ue8m0|int8_wo|bf16|fp32; embeddings = bf16|fp32; "
+    "all = every class that can take the format (a CLASS=FORMAT given too wins). "
     "Default: fp8_block everywhere, bf16 embeddings.",
 )
 @click.option("--verify", is_flag=True, help="Re-hash every output file against the manifest.")

@@ -195,7 +195,7 @@ def activation_bytes(model: ModelConfig, mapping: Mapping, limits: Limits) -> di
     a_tp = mapping.attn_tp_size
     heads = model.num_attention_heads // a_tp
     attention = t * (
-        model.q_lora_rank
+        (model.q_lora_rank or 0)
         + model.kv_a_width
         + heads * (2 * model.qk_head_dim + 2 * model.v_head_dim)
     )

@@ -32,6 +32,11 @@ def support_problems(build: BuildConfig, model: ModelConfig) -> list[str]:
     out = format_gpu_problems(build)
     if build.backend == "trtllm":
         out += trtllm_problems(build)
+        if model.q_lora_rank is None:
+            out.append(
+                "q_lora_rank: null (a direct q_proj): kimi_trt's TensorRT-LLM engine network "
+                "is built for q LoRA (fused_a = q_a_proj | kv_a_proj); use backend llmapi or torch"
+            )
     elif build.backend == "llmapi":
         out += llmapi_problems(build, model)
     return out

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 from pydantic import ValidationError
 
-from kimi_trt.config import Parallelism, WeightFormats
+from kimi_trt.config import Parallelism, WeightFormat, WeightFormats
 from kimi_trt.errors import ConfigError, UserError
 
 
@@ -33,23 +34,54 @@ def parse_parallelism(
         ) from None
 
 
-def parse_formats(items: tuple[str, ...]) -> WeightFormats:
-    """CLASS=FORMAT pairs -> WeightFormats (unknown class or format: one-line error)."""
+def _accepts(cls: str, fmt: str) -> bool:
+    try:
+        WeightFormats.model_validate({cls: fmt})
+    except ValidationError:
+        return False
+    return True
+
+
+def _all_formats(fmt: str) -> dict[str, str]:
+    """`all=FMT`: FMT for every class that can take it."""
+    taken = {cls: fmt for cls in WeightFormats.model_fields if _accepts(cls, fmt)}
+    if not taken:
+        raise ConfigError(
+            f"--format all={fmt!r}: not a weight format (linear classes take "
+            f"{', '.join(get_args(WeightFormat))}; embeddings take bf16 or fp32)"
+        )
+    return taken
+
+
+def parse_formats(items: tuple[str, ...]) -> tuple[WeightFormats, list[str]]:
+    """CLASS=FORMAT pairs -> (WeightFormats, notes for the summary); unknown class or format:
+    one-line error. `all=FMT` sets every class that can take FMT; the others keep their
+    default (said in a note). A CLASS=FORMAT given as well wins over all=, in any order."""
     values: dict[str, str] = {}
+    all_fmt: str | None = None
     for item in items:
         cls, sep, fmt = item.partition("=")
-        if not sep or cls not in WeightFormats.model_fields:
+        if sep and cls == "all":
+            all_fmt, values = fmt, _all_formats(fmt)
+        elif not sep or cls not in WeightFormats.model_fields:
             raise ConfigError(
                 f"--format {item!r}: expected CLASS=FORMAT with CLASS one of "
-                f"{', '.join(WeightFormats.model_fields)}"
+                f"{', '.join(WeightFormats.model_fields)} or all"
             )
-        values[cls] = fmt
+    given = [item.partition("=") for item in items]
+    values |= {cls: fmt for cls, _, fmt in given if cls != "all"}
     try:
-        return WeightFormats.model_validate(values)
+        formats = WeightFormats.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
         cls = err["loc"][0]
         raise ConfigError(f"--format {cls}={values.get(cls)!r}: {err['msg']}") from None
+    notes = [
+        f"{cls} keeps {formats.for_class(cls)}: it cannot be stored as {all_fmt}"
+        for cls in WeightFormats.model_fields
+        if all_fmt is not None and cls not in values
+    ]
+    return formats, notes
 
 
 def convert_command(
@@ -77,15 +109,16 @@ def convert_command(
         return (
             f"verified {out}: {n} files match manifest.json (config_hash {manifest['config_hash']})"
         )
+    weight_formats, notes = parse_formats(formats)
     result = run_conversion(
         checkpoint,
         out,
         parse_parallelism(tp, ep, moe_tp, attention_dp),
-        parse_formats(formats),
+        weight_formats,
         strict=strict,
         verify=verify,
         progress=not quiet,
         jobs=jobs,
         warn=lambda s: click.echo(s, err=True),
     )
-    return render_summary(result)
+    return "\n".join([render_summary(result), *(f"  note     {n}" for n in notes)])

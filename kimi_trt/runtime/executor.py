@@ -95,7 +95,7 @@ class TorchExecutor:
         m = self.model
         self.dims = L.MlaDims(
             heads=m.num_attention_heads // cfg.mapping.attn_tp_size,
-            q_lora=m.q_lora_rank,
+            q_lora=m.q_lora_rank or 0,
             kv_lora=m.kv_lora_rank,
             nope=m.qk_nope_head_dim,
             rope=m.qk_rope_head_dim,
@@ -111,11 +111,12 @@ class TorchExecutor:
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"transformer.layers.{i}."
+        lora = self.model.q_lora_rank is not None
         attn = L.AttentionWeights(
             fused_a=w[p + "attention.fused_a.weight"],
-            q_a_norm=w[p + "attention.q_a_layernorm.weight"],
+            q_a_norm=w[p + "attention.q_a_layernorm.weight"] if lora else None,
             kv_a_norm=w[p + "attention.kv_a_layernorm.weight"],
-            q_b=w[p + "attention.q_b_proj.weight"],
+            q_b=w[p + ("attention.q_b_proj.weight" if lora else "attention.q_proj.weight")],
             kv_b=w[p + "attention.kv_b_proj.weight"],
             fused_q=w[p + "attention.fused_q_proj"],
             dense=w[p + "attention.dense.weight"],

@@ -1,11 +1,11 @@
 """The per-layer math of Kimi-K2 on one rank's shard, written against the per-rank tensors.
 
 Every function takes this rank's tensors exactly as docs/per-rank-checkpoint.md lays them
-out (fused_a rows q_a | c | k_pe; fused_q_proj per head [absorbed q_nope ; q_pe];
-kv_b_proj per head [k_nope ; v]; expert fc rows up | gate) and returns this rank's
-*partial* result where the layout splits a reduction over ranks; the caller (executor)
-owns the collectives. Math is in the tensors' dtype except norms, softmax and the router,
-which run in float32 as transformers' DeepseekV3 does.
+out (fused_a rows q_a | c | k_pe, or c | k_pe without q LoRA; fused_q_proj per head
+[absorbed q_nope ; q_pe]; kv_b_proj per head [k_nope ; v]; expert fc rows up | gate) and
+returns this rank's *partial* result where the layout splits a reduction over ranks; the
+caller (executor) owns the collectives. Math is in the tensors' dtype except norms,
+softmax and the router, which run in float32 as transformers' DeepseekV3 does.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class Rope:
 class AttentionWeights:
     """One layer's MLA tensors on this rank (dequantised)."""
 
-    fused_a: torch.Tensor  # [ql + kl + rope, H]
-    q_a_norm: torch.Tensor  # [ql]
+    fused_a: torch.Tensor  # [ql + kl + rope, H] (ql = 0 without q LoRA)
+    q_a_norm: torch.Tensor | None  # [ql]; None without q LoRA
     kv_a_norm: torch.Tensor  # [kl]
-    q_b: torch.Tensor  # [hl*(nope+rope), ql]
+    q_b: torch.Tensor  # [hl*(nope+rope), ql]: q_b_proj, or q_proj [hl*(nope+rope), H]
     kv_b: torch.Tensor  # [hl*(nope+vd), kl]
     fused_q: torch.Tensor  # [hl*(kl+rope), ql]
     dense: torch.Tensor  # [H, hl*vd]
@@ -57,7 +57,7 @@ class AttentionWeights:
 @dataclass(frozen=True)
 class MlaDims:
     heads: int  # local heads
-    q_lora: int
+    q_lora: int  # 0 without q LoRA (q_proj reads the hidden state directly)
     kv_lora: int
     nope: int
     rope: int
@@ -69,9 +69,12 @@ class MlaDims:
 def mla_latent(
     x: torch.Tensor, w: AttentionWeights, d: MlaDims, rope: Rope, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_a projection: (normed q latent cq [N, ql], cache rows [N, kl + rope] = c | RoPE(k_pe))."""
+    """fused_a projection: (q input cq, cache rows [N, kl + rope] = c | RoPE(k_pe)).
+
+    cq is the normed q latent [N, ql], or without q LoRA the hidden state x itself (the
+    input of q_proj)."""
     a = x @ w.fused_a.T
-    cq = rms_norm(a[:, : d.q_lora], w.q_a_norm, d.eps)
+    cq = x if w.q_a_norm is None else rms_norm(a[:, : d.q_lora], w.q_a_norm, d.eps)
     c = rms_norm(a[:, d.q_lora : d.q_lora + d.kv_lora], w.kv_a_norm, d.eps)
     k_pe = rope(a[:, d.q_lora + d.kv_lora :], positions)
     return cq, torch.cat((c, k_pe), dim=-1)

@@ -66,11 +66,17 @@ def load_dequantized_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load_reference_model(ckpt: Path, dtype: torch.dtype = torch.float32):
     """transformers DeepseekV3ForCausalLM with the checkpoint's dequantised weights, in eval mode."""
+    return reference_model(load_model_config(ckpt), load_dequantized_state(ckpt), dtype)
+
+
+def reference_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+):
+    """transformers DeepseekV3ForCausalLM of `cfg` holding `state` (HF tensor name -> float
+    tensor, per-expert names as in the checkpoint), in eval mode. `state` is consumed."""
     from transformers import DeepseekV3ForCausalLM
 
-    cfg = load_model_config(ckpt)
     model = DeepseekV3ForCausalLM(transformers_config(cfg, dtype)).to(dtype).eval()
-    state = load_dequantized_state(ckpt)
     fused: dict[str, torch.Tensor] = {}
     for layer in cfg.moe_layers:
         p = f"model.layers.{layer}.mlp.experts"
