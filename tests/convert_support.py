@@ -110,6 +110,45 @@ class Gathered:
         )
 
 
+def _gather_attention(g: Gathered, out: dict, p: str, s: str) -> None:
+    mc = g.cfg.model
+    fa = g.replicated(p + "attention.fused_a.weight")
+    ql = mc.q_lora_rank or 0
+    out[s + "self_attn.kv_a_proj_with_mqa.weight"] = fa[ql:]
+    out[s + "self_attn.kv_a_layernorm.weight"] = g.replicated(p + "attention.kv_a_layernorm.weight")
+    if mc.q_lora_rank is None:
+        out[s + "self_attn.q_proj.weight"] = g.cat(p + "attention.q_proj.weight", 0)
+    else:
+        out[s + "self_attn.q_a_proj.weight"] = fa[:ql]
+        out[s + "self_attn.q_a_layernorm.weight"] = g.replicated(
+            p + "attention.q_a_layernorm.weight"
+        )
+        out[s + "self_attn.q_b_proj.weight"] = g.cat(p + "attention.q_b_proj.weight", 0)
+    out[s + "self_attn.kv_b_proj.weight"] = g.cat(p + "attention.kv_b_proj.weight", 0)
+    out[s + "self_attn.o_proj.weight"] = g.cat(p + "attention.dense.weight", 1)
+
+
+def _gather_moe(g: Gathered, out: dict, p: str, s: str) -> None:
+    mc = g.cfg.model
+    i_l = mc.moe_intermediate_size // g.m.moe_tp_size
+    out[s + "mlp.gate.weight"] = g.replicated(p + "mlp.router.weight")
+    out[s + "mlp.gate.e_score_correction_bias"] = g.replicated(p + "mlp.e_score_correction_bias")
+    up = g.experts(p + "mlp.fc.weight", 0, slice(0, i_l))
+    gate = g.experts(p + "mlp.fc.weight", 0, slice(i_l, 2 * i_l))
+    down = g.experts(p + "mlp.proj.weight", 1)
+    for e in range(mc.n_routed_experts):
+        out[s + f"mlp.experts.{e}.up_proj.weight"] = up[e]
+        out[s + f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
+        out[s + f"mlp.experts.{e}.down_proj.weight"] = down[e]
+    if not mc.n_shared_experts:
+        return
+    sl = mc.moe_intermediate_size * mc.n_shared_experts // g.m.attn_tp_size
+    fc = [g.ranks[r][p + "mlp.shared_expert.fc.weight"] for r in g.attn_group()]
+    out[s + "mlp.shared_experts.up_proj.weight"] = torch.cat([x[:sl] for x in fc])
+    out[s + "mlp.shared_experts.gate_proj.weight"] = torch.cat([x[sl:] for x in fc])
+    out[s + "mlp.shared_experts.down_proj.weight"] = g.cat(p + "mlp.shared_expert.proj.weight", 1)
+
+
 def gather_source(g: Gathered) -> dict[str, torch.Tensor]:
     """Rebuild every consumed HF tensor (float32) from the per-rank files."""
     mc = g.cfg.model
@@ -117,47 +156,24 @@ def gather_source(g: Gathered) -> dict[str, torch.Tensor]:
     emb = g.cat("transformer.vocab_embedding.weight", 0)
     assert not emb[mc.vocab_size :].any(), "vocab pad rows must be zero"
     out["model.embed_tokens.weight"] = emb[: mc.vocab_size]
-    out["lm_head.weight"] = g.cat("lm_head.weight", 0)[: mc.vocab_size]
+    head = g.cat("lm_head.weight", 0)
+    assert not head[mc.vocab_size :].any(), "vocab pad rows must be zero"
+    if mc.tie_word_embeddings:
+        assert torch.equal(head[: mc.vocab_size], out["model.embed_tokens.weight"])
+    else:
+        out["lm_head.weight"] = head[: mc.vocab_size]
     out["model.norm.weight"] = g.replicated("transformer.ln_f.weight")
-    i_l = mc.moe_intermediate_size // g.m.moe_tp_size
     for layer in range(mc.num_hidden_layers):
         p, s = f"transformer.layers.{layer}.", f"model.layers.{layer}."
-        fa = g.replicated(p + "attention.fused_a.weight")
-        out[s + "self_attn.q_a_proj.weight"] = fa[: mc.q_lora_rank]
-        out[s + "self_attn.kv_a_proj_with_mqa.weight"] = fa[mc.q_lora_rank :]
-        for src, dst in (
-            ("input_layernorm.weight", "input_layernorm.weight"),
-            ("post_attention_layernorm.weight", "post_layernorm.weight"),
-            ("self_attn.q_a_layernorm.weight", "attention.q_a_layernorm.weight"),
-            ("self_attn.kv_a_layernorm.weight", "attention.kv_a_layernorm.weight"),
-        ):
-            out[s + src] = g.replicated(p + dst)
-        out[s + "self_attn.q_b_proj.weight"] = g.cat(p + "attention.q_b_proj.weight", 0)
-        out[s + "self_attn.kv_b_proj.weight"] = g.cat(p + "attention.kv_b_proj.weight", 0)
-        out[s + "self_attn.o_proj.weight"] = g.cat(p + "attention.dense.weight", 1)
+        out[s + "input_layernorm.weight"] = g.replicated(p + "input_layernorm.weight")
+        out[s + "post_attention_layernorm.weight"] = g.replicated(p + "post_layernorm.weight")
+        _gather_attention(g, out, p, s)
         if mc.layer_kinds[layer] == "dense":
             out[s + "mlp.gate_proj.weight"] = g.cat(p + "mlp.fc.weight", 0)
             out[s + "mlp.up_proj.weight"] = g.cat(p + "mlp.gate.weight", 0)
             out[s + "mlp.down_proj.weight"] = g.cat(p + "mlp.proj.weight", 1)
-            continue
-        out[s + "mlp.gate.weight"] = g.replicated(p + "mlp.router.weight")
-        out[s + "mlp.gate.e_score_correction_bias"] = g.replicated(
-            p + "mlp.e_score_correction_bias"
-        )
-        up = g.experts(p + "mlp.fc.weight", 0, slice(0, i_l))
-        gate = g.experts(p + "mlp.fc.weight", 0, slice(i_l, 2 * i_l))
-        down = g.experts(p + "mlp.proj.weight", 1)
-        for e in range(mc.n_routed_experts):
-            out[s + f"mlp.experts.{e}.up_proj.weight"] = up[e]
-            out[s + f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
-            out[s + f"mlp.experts.{e}.down_proj.weight"] = down[e]
-        sl = mc.moe_intermediate_size * mc.n_shared_experts // g.m.attn_tp_size
-        fc = [g.ranks[r][p + "mlp.shared_expert.fc.weight"] for r in g.attn_group()]
-        out[s + "mlp.shared_experts.up_proj.weight"] = torch.cat([x[:sl] for x in fc])
-        out[s + "mlp.shared_experts.gate_proj.weight"] = torch.cat([x[sl:] for x in fc])
-        out[s + "mlp.shared_experts.down_proj.weight"] = g.cat(
-            p + "mlp.shared_expert.proj.weight", 1
-        )
+        else:
+            _gather_moe(g, out, p, s)
     return out
 
 
@@ -170,23 +186,63 @@ def check_fused_q(g: Gathered, src: dict[str, torch.Tensor], manifest: dict) -> 
     mc = g.cfg.model
     bound = manifest["derived_error"]["attention.fused_q_proj"]["max_rel_err"]
     hl = mc.num_attention_heads // g.m.attn_tp_size
+    q_name = "q_proj" if mc.q_lora_rank is None else "q_b_proj"
     for layer in range(mc.num_hidden_layers):
         s = f"model.layers.{layer}.self_attn."
-        wq = src[s + "q_b_proj.weight"].view(mc.num_attention_heads, mc.qk_head_dim, -1)
+        wq = src[s + q_name + ".weight"].view(mc.num_attention_heads, mc.qk_head_dim, -1)
         wkv = src[s + "kv_b_proj.weight"].view(mc.num_attention_heads, -1, mc.kv_lora_rank)
         nope = mc.qk_nope_head_dim
         ref = torch.cat(
             [torch.einsum("hdq,hdk->hkq", wq[:, :nope], wkv[:, :nope]), wq[:, nope:]], dim=1
         )
         got = g.cat(f"transformer.layers.{layer}.attention.fused_q_proj", 0)
-        got = got.view(mc.num_attention_heads, mc.kv_a_width, mc.q_lora_rank)
+        got = got.view(mc.num_attention_heads, mc.kv_a_width, wq.shape[-1])
         for n in range(mc.num_attention_heads):  # bound is per head (one piece per head)
             err = (got[n] - ref[n]).abs().max()
             assert err <= bound * ref[n].abs().max() * 1.0001 + 1e-12, (layer, n)
         assert got.shape[0] == hl * g.m.attn_tp_size
 
 
+def check_headers(out: Path, model, mapping: Mapping, formats: WeightFormats) -> None:
+    """Every target produced, nothing else, with the table's shapes."""
+    for r in range(mapping.world_size):
+        with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        specs = rank_tensor_specs(model, mapping, formats, r)
+        assert got == {t.name: t.shape for t in specs}
+        size = (out / f"rank{r}.safetensors").stat().st_size
+        assert sum(t.nbytes for t in specs) < size < sum(t.nbytes for t in specs) + 65536
+
+
+def check_written(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Every written tensor, decoded, equals its source exactly where the manifest says
+    `exact`, else within its class's max_rel_err. Returns the gathered (decoded) tensors."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    g = Gathered(out)
+    model = g.cfg.model
+    check_headers(out, model, g.m, g.cfg.formats)
+    src = load_source(ckpt)
+    gathered = gather_source(g)
+    assert set(gathered) | {n for n in src if is_ignored(n, model)} >= {
+        n for n in src if not n.endswith("_scale_inv")
+    }
+    errors = manifest["requant_error"]
+    cls_of = classes_of(model)
+    for name, got in gathered.items():
+        want = src[name]
+        assert got.shape == want.shape, name
+        cls = cls_of[name]
+        if cls not in errors or errors[cls]["exact"]:
+            assert torch.equal(got, want), f"{name} not reproduced exactly"
+        else:
+            bound = errors[cls]["max_rel_err"] * want.abs().max() * 1.0001 + 1e-12
+            assert (got - want).abs().max() <= bound, name
+    check_fused_q(g, src, manifest)
+    return gathered
+
+
 def convert_and_check(ckpt: Path, par: Parallelism, formats: WeightFormats) -> None:
+    """Convert into a temporary dir (or see the layout refused) and `check_written`."""
     model = load_model_config(ckpt)
     mapping = Mapping.from_parallelism(par)
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,35 +253,5 @@ def convert_and_check(ckpt: Path, par: Parallelism, formats: WeightFormats) -> N
             assert not (out / "manifest.json").exists()
             return
         res = run_conversion(ckpt, out, par, formats, progress=False, jobs=2)
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest == res.manifest
-        for r in range(mapping.world_size):  # every target produced, nothing else
-            with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
-                got = {
-                    k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                    for k in f.keys()
-                }
-            specs = rank_tensor_specs(model, mapping, formats, r)
-            want = {t.name: (str(t.dtype), t.shape) for t in specs}
-            assert set(got) == set(want)
-            assert {k: v[1] for k, v in got.items()} == {k: v[1] for k, v in want.items()}
-            size = (out / f"rank{r}.safetensors").stat().st_size
-            assert sum(t.nbytes for t in specs) < size < sum(t.nbytes for t in specs) + 65536
-        g = Gathered(out)
-        src = load_source(ckpt)
-        gathered = gather_source(g)
-        assert set(gathered) | {n for n in src if is_ignored(n, model)} >= {
-            n for n in src if not n.endswith("_scale_inv")
-        }
-        errors = manifest["requant_error"]
-        cls_of = classes_of(model)
-        for name, got in gathered.items():
-            want = src[name]
-            assert got.shape == want.shape, name
-            cls = cls_of[name]
-            if cls not in errors or errors[cls]["exact"]:
-                assert torch.equal(got, want), f"{name} not reproduced exactly"
-            else:
-                bound = errors[cls]["max_rel_err"] * want.abs().max() * 1.0001 + 1e-12
-                assert (got - want).abs().max() <= bound, name
-        check_fused_q(g, src, manifest)
+        assert json.loads((out / "manifest.json").read_text()) == res.manifest
+        check_written(ckpt, out)
