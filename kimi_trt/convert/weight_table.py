@@ -16,6 +16,11 @@ Shard rules (`Rule.shard`):
   vocab      rows split over attn_tp after padding the vocab to a multiple of attn_tp
   experts    the rank's EP block of experts, stacked; inside each expert `inner` rows or
              cols are split over moe_tp
+
+A rule applies to a layer by `scope` (dense / MoE / shared expert) and `attn` (models
+with q LoRA fuse q_a|kv_a and keep q_b_proj; models without it, `q_lora_rank: null`,
+keep kv_a alone and a direct q_proj). Which source slices make up each stored matrix of
+a linear target, and when FP8 bytes may be copied, is derived in `units.py`.
 """
 
 from __future__ import annotations
