@@ -25,6 +25,9 @@ class KimiGroup(click.Group):
         except (UserError, MissingCapability) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except click.UsageError as e:  # a bad option value: one line too, not click's three
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -32,6 +35,7 @@ class KimiGroup(click.Group):
 
 # Options several commands share (each use of a click.option decorator makes a new Option).
 PATH_TYPE = click.Path(path_type=Path)
+PORT_TYPE = click.IntRange(1, 65535)
 BUILD_CONFIG_OPTION = click.option(
     "--config", "config_path", type=PATH_TYPE, required=True, help="Build YAML."
 )
@@ -348,9 +352,9 @@ def triton_repo(engine_dir, out, tokenizer_dir, no_streaming, force, **options) 
 @main.command("triton-server")
 @click.option("--model-repository", "repo", type=PATH_TYPE, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--http-port", type=PORT_TYPE, default=8000, show_default=True)
+@click.option("--grpc-port", type=PORT_TYPE, default=8001, show_default=True)
+@click.option("--metrics-port", type=PORT_TYPE, default=8002, show_default=True)
 @click.option("--log-file", type=PATH_TYPE, help="tritonserver's log.")
 def triton_server(repo, host, http_port, grpc_port, metrics_port, log_file) -> None:
     """Run the tritonserver bundled with nvidia-pytriton on a repository from triton-repo.
@@ -375,7 +379,7 @@ def triton_worker(engine_dir) -> None:
 @main.command()
 @engine_dir_option()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=PORT_TYPE, default=8000, show_default=True)
 @click.option(
     "--triton",
     "triton_url",
@@ -384,9 +388,21 @@ def triton_worker(engine_dir) -> None:
 )
 @click.option("--triton-model", help="Triton model [default: kimi or tensorrt_llm].")
 @click.option("--model-name", default="kimi-k2", show_default=True, help="Served model id.")
-@click.option("--batch-window-ms", type=float, default=5.0, show_default=True)
-@click.option("--default-max-tokens", type=int, default=1024, show_default=True)
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True)
+@click.option("--default-max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=16.0,
+    show_default=True,
+    help="Largest request body accepted (413 above it).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"], False),
+    default="info",
+    show_default=True,
+)
 def serve(engine_dir, host, port, triton_url, triton_model, model_name, **options) -> None:
     """OpenAI-compatible API (+ Anthropic /v1/messages) for an engine dir.
 

@@ -90,9 +90,16 @@ class Comm:
         start = offsets[self.rank]
         return x[start : start + counts[self.rank]]
 
-    # ---- control messages (rank 0 -> all; gloo, no time limit) ---------------------------
+    def ping(self) -> None:
+        """A one-element all_reduce on the per-layer group: returns once every rank has
+        answered, or raises PeerFailure after the collective timeout (the heartbeat)."""
+        if not self.is_single:
+            self.all_reduce(torch.zeros(1, device=self.device))
+
+    # ---- control messages (rank 0 -> all; gloo, CONTROL_TIMEOUT_S) -----------------------
     def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank. Waits without a time limit: idle workers sit here."""
+        """Rank 0's `obj` on every rank. Idle workers wait here for rank 0's next command,
+        which comes at least every HEARTBEAT_S (see launch.py)."""
         if self.is_single:
             return obj
         import torch.distributed as dist
@@ -102,9 +109,9 @@ class Comm:
         return holder[0]
 
     def barrier(self) -> None:
-        """Wait for every rank without a time limit (after loading weights of uneven size)."""
+        """Wait for every rank, up to STARTUP_TIMEOUT_S (after loading weights of uneven size)."""
         if self.is_single:
             return
         import torch.distributed as dist
 
-        _guard(lambda: dist.barrier(group=self._groups.control))
+        _guard(lambda: dist.barrier(group=self._groups.startup))

@@ -7,9 +7,11 @@ with a `kimi_trt` object, in the dir or its `checkpoint/` subdir) -> the torch e
 
 Multi-rank protocol: every rank calls `load_engine`. Rank 0 then drives - `generate`,
 `score`, finally `shutdown` - and the other ranks call `worker_loop()`, which executes
-the commands rank 0 broadcasts (allocate cache, run a step) until shutdown. Requests are
-validated on rank 0 before anything is broadcast, so a bad request raises a UserError
-there and leaves the workers waiting for the next command.
+the commands rank 0 broadcasts (allocate cache, run a step, ping) until shutdown. Requests
+are validated on rank 0 before anything is broadcast, so a bad request raises a UserError
+there and leaves the workers waiting for the next command. Rank 0's commands go through a
+ControlChannel (control.py): a heartbeat while idle, and after a peer fails every command
+fails at once (`Engine.failure`, `Engine.on_failure`) instead of waiting on a broken job.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint, read_rank_confi
 from kimi_trt.engine_dir import is_llmapi_dir
 from kimi_trt.errors import ConfigError, UserError
 from kimi_trt.runtime.comm import Comm
+from kimi_trt.runtime.control import ControlChannel
 from kimi_trt.runtime.executor import StepPlan, TorchExecutor
 from kimi_trt.runtime.failure import shared
 from kimi_trt.runtime.generate import GenerationLoop, GenerationResult, OnToken, make_requests
 from kimi_trt.runtime.launch import (
+    HEARTBEAT_S,
     RankInfo,
     bind_device,
     check_world_size,
@@ -174,6 +178,24 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_config = executor.model
         self.backend = "torch"
+        self._channel = (
+            ControlChannel(rt.comm, self._execute, HEARTBEAT_S) if self.is_driver else None
+        )
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Rank 0: the error that broke the multi-rank job (None while it is healthy)."""
+        return self._channel.failure if self._channel is not None else None
+
+    @property
+    def on_failure(self):
+        return self._channel.on_failure if self._channel is not None else None
+
+    @on_failure.setter
+    def on_failure(self, callback) -> None:
+        """Rank 0: called once, from the thread that saw it, when the job breaks."""
+        self._require_driver("on_failure")
+        self._channel.on_failure = callback
 
     # ---- properties the serving / build code relies on -------------------------------
     @property
@@ -250,9 +272,9 @@ class Engine:
         return out
 
     def shutdown(self) -> None:
-        """Release the workers from worker_loop (rank 0; a no-op on one rank)."""
-        if self.is_driver and self.world_size > 1:
-            self._rt.comm.broadcast_object(("shutdown",))
+        """Release the workers from worker_loop (rank 0; a no-op on one rank or a failed job)."""
+        if self._channel is not None:
+            self._channel.close(("shutdown",))
         self._executor.release_cache()
 
     # ---- worker API (ranks > 0) ------------------------------------------------------
@@ -273,13 +295,13 @@ class Engine:
             return self._executor.ensure_cache(cmd[1], cmd[2])
         if cmd[0] == "step":
             return self._executor.step(cmd[1])
+        if cmd[0] == "ping":
+            return self._rt.comm.ping()
         raise RuntimeError(f"unknown runtime command {cmd[0]!r}")
 
     def _command(self, cmd: tuple):
         """Broadcast a command from rank 0 and run it here too."""
-        if self.world_size > 1:
-            self._rt.comm.broadcast_object(cmd)
-        return self._execute(cmd)
+        return self._channel.send(cmd)
 
     def _step(self, plan: StepPlan) -> torch.Tensor:
         return self._command(("step", plan)).cpu()

@@ -26,12 +26,15 @@ OnToken = Callable[[int, int], "bool | None"]
 @dataclass
 class GenerationResult:
     """One prompt's outcome. `tokens` excludes the stop token; finish_reason is
-    "stop" (stop token), "length" (max_new_tokens or cache length) or "cancelled"."""
+    "stop" (stop token), "length" (max_new_tokens or cache length), "cancelled", or
+    "error" when this request alone failed (sampling raised; `error` says why) - the
+    other requests of the batch run on."""
 
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logits: list[torch.Tensor] | None = None  # per sampled step, with params.return_logits
+    error: Exception | None = None
 
 
 @dataclass
@@ -120,16 +123,25 @@ class GenerationLoop:
             self._accept(req, row)
 
     def _accept(self, req: _Request, row: torch.Tensor) -> None:
-        """Sample from `row`, record, stream, and retire the request if it is done."""
+        """Sample from `row`, record, stream, and retire the request if it is done.
+
+        Whatever this one request raises (sampling, its streaming callback) ends it alone
+        with finish_reason "error"; the batch's other requests are not affected."""
         res = req.result
         if res.logits is not None:
             res.logits.append(row.clone())
-        token = sample_token(row, req.params, req.generator)
-        if token in req.stop_ids:
-            self._finish(req, "stop")
+        try:
+            token = sample_token(row, req.params, req.generator)
+            if token in req.stop_ids:
+                self._finish(req, "stop")
+                return
+            res.tokens.append(token)
+            keep = self.on_token is None or self.on_token(req.index, token) is not False
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            res.error = e
+            self._finish(req, "error")
             return
-        res.tokens.append(token)
-        if self.on_token is not None and self.on_token(req.index, token) is False:
+        if not keep:
             self._finish(req, "cancelled")
         elif len(res.tokens) >= req.params.max_new_tokens or req.length >= req.max_len:
             self._finish(req, "length")

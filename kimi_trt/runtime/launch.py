@@ -7,9 +7,15 @@ so one code path serves every launcher. Multi-node is just more ranks: MASTER_AD
 then name the node of rank 0 (see README "Multi-node").
 
 The process group (torch.distributed, gloo on CPU, NCCL on GPU) is created with env://
-rendezvous. Two groups are kept: the default group for the per-layer collectives, with a
-short timeout so a hung peer turns into an error instead of a hang, and a control group
-with a long timeout for the broadcast on which idle workers wait for the next request.
+rendezvous. Three groups are kept, each with the timeout its waits need:
+- startup (the world group): rendezvous and the barrier after loading, where ranks may
+  legitimately wait long for each other (weights of uneven size, slow imports);
+- default: the per-layer collectives and the heartbeat's ping, with the short collective
+  timeout (KIMI_TRT_COLLECTIVE_TIMEOUT, 30 s), so a hung peer becomes an error;
+- control (gloo): rank 0's command broadcasts, on which idle workers wait. Rank 0 sends
+  one at least every HEARTBEAT_S (a ping when idle, runtime/control.py), so this group's
+  timeout is finite too: a worker whose rank 0 stopped talking gives up, and nothing
+  waits on a stuck peer for longer than a few collective timeouts.
 """
 
 from __future__ import annotations
@@ -41,8 +47,13 @@ DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29517
 # Per-layer collectives: peers run the same work, so a long wait means a hung peer.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("KIMI_TRT_COLLECTIVE_TIMEOUT", "30"))
-# Workers idle in a broadcast until rank 0 has a request: effectively no limit.
-CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
+# Rank 0 pings an idle job this often, so a stuck peer is found within HEARTBEAT_S +
+# COLLECTIVE_TIMEOUT_S even when no request comes.
+HEARTBEAT_S = COLLECTIVE_TIMEOUT_S / 3
+# Workers wait this long for rank 0's next command (it sends one every HEARTBEAT_S).
+CONTROL_TIMEOUT_S = 2 * COLLECTIVE_TIMEOUT_S
+# Rendezvous and the barrier after loading: ranks start and load at different speeds.
+STARTUP_TIMEOUT_S = 2 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -129,11 +140,12 @@ def default_master_port(env: EnvMapping[str, str] | None = None) -> int:
 
 @dataclass
 class ProcessGroups:
-    """The default group (short timeout) and the control group (long timeout)."""
+    """The groups of the module docstring: per-layer (default), control, startup."""
 
     default: object | None
     control: object | None
     backend: str
+    startup: object | None = None
 
 
 def init_process_groups(info: RankInfo, device: torch.device) -> ProcessGroups:
@@ -151,9 +163,10 @@ def init_process_groups(info: RankInfo, device: torch.device) -> ProcessGroups:
         init_method="env://",
         rank=info.rank,
         world_size=info.world_size,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
         **kwargs,
     )
+    layers = dist.new_group(backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     # Control messages are small host-side objects: always gloo, so NCCL jobs can idle too.
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
-    return ProcessGroups(dist.group.WORLD, control, backend)
+    return ProcessGroups(layers, control, backend, startup=dist.group.WORLD)

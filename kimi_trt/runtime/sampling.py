@@ -4,11 +4,20 @@ Sampling runs on rank 0 only, on the gathered float32 logits, and rank 0 broadca
 chosen tokens with the next step - so every rank follows one decision and results do not
 depend on the world size. Each request has its own generator seeded from its `seed`, so
 a seeded request gives the same tokens whatever else is in the batch.
+
+Numerically safe for every value `SamplingParams` accepts: the logits are shifted so
+their maximum is 0 before dividing by the temperature and the arithmetic is float64, so
+a temperature down to the smallest positive double (5e-324) gives 0 for the best token
+and -inf (never NaN) for the others; the most likely token always survives the top-p cut
+(top_p = 1e-300 keeps exactly it), so the distribution handed to `multinomial` always
+has mass. Logits holding NaN or +inf (a broken model) raise `SamplingError` for that
+request alone.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 from dataclasses import dataclass
 
@@ -19,6 +28,19 @@ from kimi_trt.errors import UserError
 # Kimi-K2's recommended sampling temperature: what the serving front ends use when a
 # request gives none (the runtime itself defaults to greedy).
 KIMI_DEFAULT_TEMPERATURE = 0.6
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+class SamplingError(RuntimeError):
+    """No token can be drawn from these logits (NaN / +inf / nothing finite)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -39,14 +61,18 @@ class SamplingParams:
     return_logits: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (_is_real(self.temperature) and math.isfinite(self.temperature)):
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.temperature < 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
+        if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise UserError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT):
+            raise UserError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -57,23 +83,34 @@ class SamplingParams:
         if self.greedy:
             return None
         seed = self.seed if self.seed is not None else secrets.randbits(63)
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(int(seed))
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise SamplingError("the model produced NaN or +inf logits")
+    if not bool(torch.isfinite(logits).any()):
+        raise SamplingError("every logit is -inf: no token can be drawn")
 
 
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """One token id from float32 logits [V] (CPU)."""
+    """One token id from float32 logits [V] (CPU); SamplingError for NaN/+inf logits."""
+    _check_logits(logits)
     if params.greedy:
         return int(torch.argmax(logits))
-    scaled = logits / params.temperature
+    shifted = logits.double() - logits.max().double()  # best token: exactly 0
+    scaled = shifted / params.temperature  # others: negative or -inf, never NaN
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(scaled, dim=-1)  # float64; the best token's term is exp(0) = 1
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         before = sorted_p.cumsum(0) - sorted_p  # mass of strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)
+        cut = before >= params.top_p
+        cut[0] = False  # the most likely token is always kept
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))

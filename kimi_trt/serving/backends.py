@@ -1,11 +1,14 @@
 """Where the API server's tokens come from: the runtime in this process, or a Triton server.
 
+`health()` (None = ok, else the reason) is what `/health` reports.
 Both backends take prompt token ids + SamplingParams and return a `TokenStream`, an async
 iterator of generated ids that ends with `finish_reason` set ("stop", "length",
 "cancelled") or raises the backend's error. `stream.cancel()` (client gone, stop string
 seen) ends the request in the backend and frees its slot:
 - `InProcessBackend`: an EngineBatcher on the runtime (rank 0 of a multi-rank job);
-  concurrent requests share `generate` calls.
+  concurrent requests share `generate` calls. When the multi-rank job breaks (a peer
+  killed, stopped or hung: the runtime's ControlChannel) every request fails with
+  BackendUnavailable (HTTP 503), `health()` says why, and `on_fatal` lets the server stop.
 - `TritonBackend`: one gRPC bidirectional stream per request (tritonclient.grpc.aio) to
   the repository's `kimi` model (torch executor) or `tensorrt_llm` model (TensorRT-LLM
   engines); cancelling the request cancels its gRPC call, which Triton passes on to the
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kimi_trt.errors import UserError
+from kimi_trt.runtime.comm import PeerFailure
 from kimi_trt.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,10 @@ _END = object()
 
 class BackendError(RuntimeError):
     """The backend failed a request for a reason that is not the client's fault."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend can serve no request now (its multi-rank job broke): HTTP 503."""
 
 
 class TokenStream:
@@ -94,8 +102,27 @@ class InProcessBackend:
         self.description = "in-process runtime"
         # called with (finish_reason, generated tokens) as the runtime ends each request
         self.observer: Callable[[str, int], None] | None = None
+        # called once, from a runtime thread, when the multi-rank job breaks
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        if engine.world_size > 1:
+            engine.on_failure = self._engine_failed
+
+    def _engine_failed(self, error: BaseException) -> None:
+        log.error("the runtime's multi-rank job failed: %s", error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
+    async def health(self) -> str | None:
+        """None while requests can be served, else why not."""
+        if self.engine.failure is not None:
+            return f"the runtime's multi-rank job failed: {self.engine.failure}"
+        if not self.batcher.alive:
+            return "the batcher thread stopped"
+        return None
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if self.engine.failure is not None:
+            raise BackendUnavailable(f"the runtime's multi-rank job failed: {self.engine.failure}")
         self.batcher.validate(prompt, params)
 
     def load(self) -> int:
@@ -116,8 +143,9 @@ class InProcessBackend:
         def on_done(result, error) -> None:
             if result is not None and self.observer is not None:
                 self.observer(result.finish_reason or "stop", len(result.tokens))
-            if error is not None and not isinstance(error, UserError):
-                error = BackendError(str(error))
+            if error is not None and not isinstance(error, (UserError, BackendError)):
+                broken = isinstance(error, PeerFailure) or self.engine.failure is not None
+                error = (BackendUnavailable if broken else BackendError)(str(error))
             stream.finish(result.finish_reason if result is not None else None, error)
 
         request = BatchRequest(list(prompt), params, on_token, on_done)
@@ -174,6 +202,14 @@ class TritonBackend:
 
     def load(self) -> int:
         return self._active
+
+    async def health(self) -> str | None:
+        """None while Triton reports the model ready, else why not."""
+        try:
+            ready = await asyncio.wait_for(self._client.is_model_ready(self.model), 5)
+        except Exception as e:  # noqa: BLE001 - any transport error means "not reachable"
+            return f"Triton at {self.url} is not reachable: {e}"
+        return None if ready else f"Triton at {self.url}: model {self.model!r} is not ready"
 
     def _inputs(self, prompt: list[int], params: SamplingParams) -> list:
         import tritonclient.grpc as grpcclient

@@ -9,9 +9,13 @@ Requests that arrive during a call wait for the next one; the runtime's generati
 itself fills freed cache slots from the batch's own queue.
 
 Cancellation: `BatchRequest.cancel()` (client gone) makes the next `on_token` for that
-request return False, which ends it in the runtime and frees its slot. Each request is
-validated alone before it joins a batch, so one bad prompt fails only its own request.
-Callbacks run on the batcher thread and must be quick (hand tokens to another thread).
+request return False, which ends it in the runtime and frees its slot.
+
+One request never fails another: each is validated alone before it joins a batch, its
+callbacks' exceptions cancel only it, and a failure while the runtime samples it ends
+only it (the runtime's finish_reason "error"). Only a failure of a whole step (the
+engine or the multi-rank job broke) fails the batch. Callbacks run on the batcher thread
+and must be quick (hand tokens to another thread).
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ class EngineBatcher:
     def waiting(self) -> int:
         """Requests submitted but not yet in a generate call."""
         return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        """The batcher thread is running (False after close or if it died)."""
+        return self._thread.is_alive()
 
     @property
     def running(self) -> int:
@@ -126,8 +135,10 @@ class EngineBatcher:
                 continue
             try:
                 self.validate(req.prompt, req.params)
-            except UserError as e:
-                req.on_done(None, e)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                if not isinstance(e, UserError):
+                    log.exception("validating a request failed")
+                self._finished(req, None, e)
                 continue
             ready.append(req)
         return ready
@@ -159,7 +170,11 @@ class EngineBatcher:
             )
             for i, (req, result) in enumerate(zip(batch, results, strict=True)):
                 done[i] = True
-                self._finished(req, result, None)
+                if result.error is not None:  # this request alone failed (e.g. sampling)
+                    log.error("request failed: %s: %s", type(result.error).__name__, result.error)
+                    self._finished(req, None, result.error)
+                else:
+                    self._finished(req, result, None)
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
             log.exception("generate failed")
             for i, req in enumerate(batch):

@@ -46,6 +46,7 @@ class ServerState:
     metrics: Any
     max_seq_len: int
     default_max_tokens: int = 1024
+    max_body_bytes: int = 16 * 2**20
 
     @property
     def tokenizer(self) -> Any:

@@ -9,17 +9,26 @@ repository and starts the bundled tritonserver itself, for the life of the API s
 
 Errors use the caller's API style with the right status: 400 for invalid JSON, bad
 parameters and prompts longer than the engine's max input; 404 for an unknown model;
-500 when the backend fails. A client that disconnects mid-stream cancels its request in
-the backend (the runtime frees its slot).
+413 for a body over --max-body-mb; 500 when the backend fails a request; 503 once the
+backend cannot serve at all (a multi-rank job lost a rank: `/health` then says so too,
+and the server exits non-zero after FAILURE_GRACE_S, ending the job). A client that
+disconnects mid-stream cancels its request in the backend (the runtime frees its slot);
+one that disconnects while still sending is logged in one line, not as an error.
+
+The event loop only moves bytes: parsing, validation, chat-template rendering and
+tokenizing run in a worker thread, so a large body never stalls `/health` or other
+requests' streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,7 +38,7 @@ from pydantic import ValidationError
 
 from kimi_trt.errors import UserError
 from kimi_trt.serving import anthropic_api, openai_api
-from kimi_trt.serving.backends import BackendError
+from kimi_trt.serving.backends import BackendError, BackendUnavailable
 from kimi_trt.serving.metrics import ServerMetrics
 from kimi_trt.serving.openai_api import ServerState
 from kimi_trt.serving.schemas import (
@@ -39,9 +48,14 @@ from kimi_trt.serving.schemas import (
     CompletionRequest,
     validation_error,
 )
+from kimi_trt.serving.transport import DEFAULT_MAX_BODY_MB, listen_socket, read_body
 
 log = logging.getLogger("kimi_trt.serve")
 DEFAULT_MODEL_NAME = "kimi-k2"
+# After the backend broke: how long the server answers 503 before it stops.
+FAILURE_GRACE_S = 2.0
+# Counted for a client that went away before its request was read (nginx's convention).
+CLIENT_CLOSED = 499
 
 
 def _error_body(err: APIError, style: str) -> dict[str, Any]:
@@ -55,11 +69,12 @@ def _as_api_error(exc: Exception) -> APIError:
         return validation_error(exc)
     if isinstance(exc, UserError):
         return APIError(400, str(exc))
+    if isinstance(exc, BackendUnavailable):
+        return APIError(503, f"the server cannot serve requests: {exc}", type="server_error")
     return APIError(500, f"generation failed: {exc}", type="server_error")
 
 
-async def _json_body(request) -> dict[str, Any]:
-    raw = await request.body()
+def _json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -97,13 +112,19 @@ class Endpoint:
         self.name, self.schema, self.build = name, schema, build
         self.respond, self.stream, self.style = respond, stream, style
 
+    def prepare(self, state: ServerState, raw: bytes, received: float):
+        """Body bytes -> (request, generation): JSON, validation, template, tokens (a thread)."""
+        req = self.schema.model_validate(_json_body(raw))
+        return req, self.build(state, req, received)
+
     async def __call__(self, state: ServerState, request):
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
+        from starlette.requests import ClientDisconnect
 
         received = time.monotonic()
         try:
-            req = self.schema.model_validate(await _json_body(request))
-            gen = self.build(state, req, received)
+            raw = await read_body(request, state.max_body_bytes)
+            req, gen = await asyncio.to_thread(self.prepare, state, raw, received)
             if req.stream:
                 state.metrics.count(self.name, 200)
                 body = self.stream(state, gen, req)
@@ -113,9 +134,13 @@ class Endpoint:
                     headers={"Cache-Control": "no-cache"},
                 )
             result = await self.respond(state, gen)
+        except ClientDisconnect:
+            log.info("%s: the client disconnected while sending its request", self.name)
+            state.metrics.count(self.name, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an API error body
             err = _as_api_error(exc)
-            if err.status >= 500:
+            if err.status >= 500 and err.status != 503:
                 log.exception("%s failed", self.name)
             state.metrics.count(self.name, err.status)
             return JSONResponse(_error_body(err, self.style), status_code=err.status)
@@ -175,7 +200,11 @@ def create_app(state: ServerState, on_startup=None, on_shutdown=None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_name, "backend": state.backend.description}
+        problem = await state.backend.health()
+        body = {"model": state.model_name, "backend": state.backend.description}
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "error": problem, **body}, 503)
+        return {"status": "ok", **body}
 
     @app.get("/metrics")
     async def metrics():
@@ -247,7 +276,21 @@ def _own_triton(engine_dir):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _stop_when_fatal(server, failures: list[BaseException]):
+    """The backend's on_fatal: remember the error, answer 503 for FAILURE_GRACE_S, stop."""
+
+    def on_fatal(error: BaseException) -> None:
+        failures.append(error)
+        log.error("answering 503 and stopping in %.0f s: %s", FAILURE_GRACE_S, error)
+        timer = threading.Timer(FAILURE_GRACE_S, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+
+    return on_fatal
+
+
 def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]) -> None:
+    """Serve on options["socket"] until interrupted; re-raise the backend's fatal error."""
     import uvicorn
 
     if backend.tokenizer is None:
@@ -256,7 +299,14 @@ def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]
     metrics = ServerMetrics(backend.load)
     if hasattr(backend, "observer"):
         backend.observer = metrics.backend_done
-    state = ServerState(backend, model_name, metrics, max_seq_len, options["default_max_tokens"])
+    state = ServerState(
+        backend,
+        model_name,
+        metrics,
+        max_seq_len,
+        options["default_max_tokens"],
+        int(options["max_body_mb"] * 2**20),
+    )
 
     async def startup():
         if hasattr(backend, "start"):
@@ -267,9 +317,16 @@ def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]
         await backend.close()
 
     app = create_app(state, startup, shutdown)
-    uvicorn.run(
-        app, host=host, port=port, log_level=options["log_level"], timeout_graceful_shutdown=5
+    config = uvicorn.Config(
+        app, log_level=options["log_level"], timeout_graceful_shutdown=5, host=host, port=port
     )
+    server = uvicorn.Server(config)
+    failures: list[BaseException] = []
+    if hasattr(backend, "on_fatal"):
+        backend.on_fatal = _stop_when_fatal(server, failures)
+    server.run(sockets=[options["socket"]])
+    if failures:
+        raise failures[0]
 
 
 def serve(
@@ -282,31 +339,38 @@ def serve(
     batch_window_ms: float = 5.0,
     default_max_tokens: int = 1024,
     log_level: str = "info",
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
 ) -> None:
     """Run the API server until interrupted (every rank calls this under mpirun)."""
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception so the
     # cleanups below (engine.shutdown for the other ranks, our own tritonserver) still run
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if max_body_mb <= 0:
+        raise UserError(f"--max-body-mb must be > 0, got {max_body_mb}")
     options = {
         "host": host,
         "port": port,
         "default_max_tokens": default_max_tokens,
         "log_level": log_level,
+        "max_body_mb": max_body_mb,
     }
-    if triton_url == "auto":
-        with _own_triton(engine_dir) as url:
+    if triton_url:
+        options["socket"] = listen_socket(host, port)
+        own = (
+            _own_triton(engine_dir) if triton_url == "auto" else contextlib.nullcontext(triton_url)
+        )
+        with own as url:
             backend, max_seq_len = _triton_backend(engine_dir, url, triton_model)
             _run_app(backend, max_seq_len, model_name, options)
         return
-    if triton_url:
-        backend, max_seq_len = _triton_backend(engine_dir, triton_url, triton_model)
-        _run_app(backend, max_seq_len, model_name, options)
-        return
     from kimi_trt.runtime.engine import load_engine
     from kimi_trt.runtime.failure import run_this_rank
+    from kimi_trt.runtime.launch import detect_rank_info
     from kimi_trt.serving.backends import InProcessBackend
 
     def this_rank() -> int:
+        if detect_rank_info().is_driver:  # the port first: a user error in a second
+            options["socket"] = listen_socket(host, port)
         engine = load_engine(engine_dir)
         if not engine.is_driver:
             engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
