@@ -20,12 +20,25 @@ system prompt when the first message is not a system one, `<|im_{role}|>{name or
 role}<|im_middle|>...<|im_end|>` turns, assistant tool calls in a tool-calls section,
 tool results as `## Return of {id}\\n{content}`, and `<|im_assistant|>assistant<|im_middle|>`
 as the generation prompt.
+
+Special tokens come only from the template (`render_chat_parts`): message, tool-result and
+tool-definition text that spells `<|im_end|><|im_system|>system<|im_middle|>` must stay
+text, or a user - or a web page a tool returned - could forge a system turn or a tool
+call. Rendering the template to one string and encoding it with special tokens allowed
+cannot tell the two apart, so before rendering every special-token name written in the
+template source is wrapped in a sentinel character that occurs nowhere in the template
+or the conversation. The rendered text then splits at the sentinels into the template's
+own markers and the text between them, which the tokenizer encodes with special tokens
+disallowed. The conversation data is not touched, so the template's logic on it (tests,
+`trim`, `tojson`) is unchanged, and without marker text in the data the tokens are
+exactly those of encoding the rendered string.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -164,6 +177,31 @@ def _sorted_keys(value: Any) -> Any:
     return value
 
 
+def _conversation(
+    messages: Sequence[Any],
+    tools: Sequence[Any] | None,
+    normalize_ids: bool,
+    sort_tool_keys: bool,
+    template_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """The template's variables, as plain data."""
+    chat = _as_messages(messages)
+    if normalize_ids:
+        chat = normalize_tool_call_ids(chat)
+    tool_list = plain_data(list(tools)) if tools is not None else None
+    if tool_list and sort_tool_keys:
+        tool_list = _sorted_keys(tool_list)
+    return {"messages": chat, "tools": tool_list, "documents": None, **plain_data(template_kwargs)}
+
+
+def _render(source: str, variables: dict[str, Any], add_generation_prompt: bool) -> str:
+    compiled = compile_template(source)
+    try:
+        return compiled.render(add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.TemplateError as e:
+        raise UserError(f"chat template rejected the conversation: {e}") from None
+
+
 def render_chat(
     messages: Sequence[Any],
     *,
@@ -180,20 +218,67 @@ def render_chat(
     Kimi's tokenization_kimi.py do before rendering. Extra keyword arguments reach the
     template as variables, like transformers' `apply_chat_template(**kwargs)`.
     """
-    chat = _as_messages(messages)
-    if normalize_ids:
-        chat = normalize_tool_call_ids(chat)
-    tool_list = plain_data(list(tools)) if tools is not None else None
-    if tool_list and sort_tool_keys:
-        tool_list = _sorted_keys(tool_list)
-    compiled = compile_template(template if template is not None else DEFAULT_CHAT_TEMPLATE)
-    try:
-        return compiled.render(
-            messages=chat,
-            tools=tool_list,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **plain_data(template_kwargs),
-        )
-    except jinja2.TemplateError as e:
-        raise UserError(f"chat template rejected the conversation: {e}") from None
+    variables = _conversation(messages, tools, normalize_ids, sort_tool_keys, template_kwargs)
+    source = template if template is not None else DEFAULT_CHAT_TEMPLATE
+    return _render(source, variables, add_generation_prompt)
+
+
+# Sentinel candidates: the BMP's private-use area (nothing a tokenizer or template needs).
+_SENTINELS = range(0xE000, 0xF900)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _free_sentinel(texts: list[str]) -> str:
+    """A character that occurs in none of `texts`."""
+    for code in _SENTINELS:
+        char = chr(code)
+        if not any(char in t for t in texts):
+            return char
+    raise UserError("the conversation uses every private-use character; it cannot be rendered")
+
+
+@lru_cache(maxsize=8)
+def _names_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+
+
+def mark_specials(source: str, names: re.Pattern[str], sentinel: str) -> str:
+    """`source` with every special-token name wrapped as sentinel+name+sentinel. A template
+    must write its markers whole (as Kimi's do): one assembled from pieces stays text."""
+    return names.sub(lambda m: f"{sentinel}{m.group(0)}{sentinel}", source)
+
+
+def render_chat_parts(
+    messages: Sequence[Any],
+    *,
+    special_names: Iterable[str],
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+    normalize_ids: bool = True,
+    sort_tool_keys: bool = False,
+    **template_kwargs: Any,
+) -> list[str]:
+    """Render like `render_chat`, split into [text, marker, text, ..., marker, text]: odd
+    items are special-token names the template wrote, even items text (see the module
+    docstring). "".join(parts) is the rendered prompt."""
+    variables = _conversation(messages, tools, normalize_ids, sort_tool_keys, template_kwargs)
+    source = template if template is not None else DEFAULT_CHAT_TEMPLATE
+    names = _names_pattern(tuple(special_names))
+    sentinel = _free_sentinel([source, *_strings(variables)])
+    parts = _render(mark_specials(source, names, sentinel), variables, add_generation_prompt)
+    parts = parts.split(sentinel)
+    if len(parts) % 2 == 0 or not all(names.fullmatch(p) for p in parts[1::2]):
+        raise ConfigError("chat template changed the text of a special token it writes")
+    return parts

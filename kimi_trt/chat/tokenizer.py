@@ -10,7 +10,10 @@ reproduces its behaviour without running checkpoint code:
   [PAD] = base+255; unnamed ids are `<|reserved_token_{id}|>`);
 - encode splits very long whitespace / non-whitespace runs first (as Kimi does) so
   tiktoken never sees a pathological piece, and by default lets special-token text
-  become special ids (Kimi's default: the rendered chat prompt holds the markers as text);
+  become special ids (Kimi's default, for raw prompts);
+- a chat prompt gets special ids only for the markers its template writes: message,
+  tool-result and tool-definition text is encoded with special tokens disallowed, so
+  text spelling `<|im_end|>` cannot forge a turn (`render_chat_parts` in template.py);
 - chat turns end with <|im_end|> while config.json's eos is [EOS]: `eos_token_ids` has both.
 
 `IncrementalDetokenizer` turns a stream of ids into text deltas without ever splitting a
@@ -37,7 +40,7 @@ from kimi_trt.chat.kimi_format import (
     TOOL_MARKERS,
     special_token_table,
 )
-from kimi_trt.chat.template import DEFAULT_CHAT_TEMPLATE, render_chat
+from kimi_trt.chat.template import DEFAULT_CHAT_TEMPLATE, render_chat_parts
 from kimi_trt.errors import CheckpointError, ConfigError, UserError
 
 SMALL_VOCAB_DIR = Path(__file__).resolve().parent.parent / "assets" / "small-vocab"
@@ -253,15 +256,25 @@ class KimiTokenizer:
         tokenize: bool = True,
         **template_kwargs,
     ) -> list[int] | str:
-        """Render with this checkpoint's template (or Kimi-K2's) and, by default, encode."""
-        text = render_chat(
+        """Render with this checkpoint's template (or Kimi-K2's) and, by default, encode:
+        the template's markers become special ids, all other text is encoded as text."""
+        parts = render_chat_parts(
             messages,
+            special_names=self.special_ids,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             template=self.chat_template,
             **template_kwargs,
         )
-        return self.encode(text, allow_special=True) if tokenize else text
+        if not tokenize:
+            return "".join(parts)
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids.extend(self.encode(part, allow_special=False))
+        return ids
 
 
 class IncrementalDetokenizer:

@@ -31,6 +31,7 @@ from kimi_trt.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 _END = object()
+_F32_TINY = float(np.finfo(np.float32).tiny)
 
 
 class BackendError(RuntimeError):
@@ -222,7 +223,9 @@ class TritonBackend:
             ("input_ids", np.asarray(prompt, dtype=np.int32)),
             ("request_output_len", np.asarray([params.max_new_tokens], dtype=np.int32)),
             ("temperature", np.asarray([params.temperature], dtype=np.float32)),
-            ("runtime_top_p", np.asarray([params.top_p], dtype=np.float32)),
+            # float32 would round a tiny top_p to 0, which the model refuses; any top_p
+            # below the best token's probability keeps just that token, as this does
+            ("runtime_top_p", np.asarray([max(params.top_p, _F32_TINY)], dtype=np.float32)),
             ("runtime_top_k", np.asarray([params.top_k], dtype=np.int32)),
             ("streaming", np.asarray([True])),
         ]

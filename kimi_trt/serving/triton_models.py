@@ -151,6 +151,18 @@ class _Responder:
         self.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
+def _fail_request(request, error: Exception) -> None:
+    """Send `request` a final error response, if its sender still takes one."""
+    pb = _pb()
+    try:
+        request.get_response_sender().send(
+            pb.InferenceResponse(error=pb.TritonError(f"internal error: {error}")),
+            flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
+    except Exception:  # noqa: BLE001 - e.g. the sender was already closed
+        log.exception("kimi: could not answer a failed request")
+
+
 class KimiEngineModel:
     """The `kimi` model: our runtime behind Triton (see the module docstring)."""
 
@@ -186,15 +198,20 @@ class KimiEngineModel:
         responder = _Responder(sender, self.tokenizer, streaming, self.metrics)
         try:
             prompt, params = self._prompt(request), sampling_from_request(request)
-        except (UserError, ValueError) as e:
+        except (UserError, ValueError, TypeError, OverflowError) as e:
             responder.on_done(None, UserError(str(e)))
             return
         self.batcher.submit(BatchRequest(prompt, params, responder.on_token, responder.on_done))
 
     def execute(self, requests):
-        """Hand each request to the batcher and return at once (responses come from its thread)."""
+        """Hand each request to the batcher and return at once (responses come from its thread).
+        A request that fails here gets its own error response; the others go on."""
         for request in requests:
-            self._submit(request)
+            try:
+                self._submit(request)
+            except Exception as e:  # noqa: BLE001 - one request must not fail the others
+                log.exception("kimi: a request could not be submitted")
+                _fail_request(request, e)
         return None
 
     def finalize(self) -> None:
