@@ -81,9 +81,10 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> No
     raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@contextlib.contextmanager
-def api_server(engine_dir: Path, log: Path, *extra: str, ranks: int = 1, timeout: float = 120):
-    """`kimi-trt serve` on 127.0.0.1 (under mpirun when ranks > 1); yields its base URL."""
+def start_api_server(
+    engine_dir: Path, log: Path, *extra: str, ranks: int = 1, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start `kimi-trt serve` on 127.0.0.1 (under mpirun when ranks > 1): (process, base URL)."""
     port = free_port()
     cmd = [sys.executable, "-m", "kimi_trt.cli", "serve", "--engine-dir", str(engine_dir)]
     cmd += ["--port", str(port), "--log-level", "warning", *extra]
@@ -91,19 +92,33 @@ def api_server(engine_dir: Path, log: Path, *extra: str, ranks: int = 1, timeout
         cmd = mpirun(ranks, *cmd)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, env=mpi_env(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            cmd,
+            env=env or mpi_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
-    base = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def api_server(engine_dir: Path, log: Path, *extra: str, ranks: int = 1, timeout: float = 120):
+    """`kimi-trt serve` on 127.0.0.1 (under mpirun when ranks > 1); yields its base URL."""
+    proc, base = start_api_server(engine_dir, log, *extra, ranks=ranks)
     try:
         wait_http(base + "/health", proc, timeout, log)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def metric(base: str, name: str, labels: str = "") -> float:

@@ -6,6 +6,7 @@ with a 1 MB body limit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -251,3 +252,110 @@ def test_port_in_use_is_a_user_error_before_loading(tmp_path):
         out = _serve_cli("--engine-dir", str(tmp_path / "not-loaded"), "--port", str(port))
     assert out.returncode == 2
     assert out.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+# ---- stress: 32 normal streams among malformed, extreme and vanishing clients ----------
+TOPICS = ["rivers", "tea", "chess", "comets", "bridges", "owls", "jazz", "glaciers"]
+NAN_BODY = b'{"model": "kimi-k2", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}'
+MALFORMED = [  # (body: dict or raw bytes, expected status)
+    (b'{"model": "kimi-k2", "messages": [', 400),
+    (b"[1, 2]", 400),
+    (NAN_BODY, 400),
+    ({"model": MODEL}, 400),
+    ({"model": MODEL, "messages": MESSAGES, "temperature": "hot"}, 400),
+    ({"model": MODEL, "messages": MESSAGES, "top_p": 0}, 400),
+    ({"model": MODEL, "messages": MESSAGES, "seed": 2**64}, 400),
+    ({"model": "nope", "messages": MESSAGES}, 404),
+    (_body_of(2**20 + 100), 413),
+]
+EXTREME = [  # chat sampling values that leave only the best token: the scripted answer
+    {"temperature": 1e-40},
+    {"top_p": 1e-300},
+    {"temperature": 5e-324, "top_p": 5e-324},
+    {"temperature": 2, "top_p": 1e-300, "top_k": 10**12, "seed": 2**63 - 1},
+]
+
+
+async def _normal(aclient: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None]:
+    stream = await aclient.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True
+    )
+    text, finish = "", None
+    async for chunk in stream:
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+async def _raw(http: httpx.AsyncClient, body, path: str = "/v1/chat/completions") -> int:
+    if isinstance(body, bytes):
+        headers = {"content-type": "application/json"}
+        r = await http.post(path, content=body, headers=headers)
+    else:
+        r = await http.post(path, json=body)
+    return r.status_code
+
+
+async def _extreme(http: httpx.AsyncClient, sampling: dict, stream: bool) -> tuple[int, str]:
+    body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "stream": stream, **sampling}
+    r = await http.post("/v1/chat/completions", json=body)
+    if not stream:
+        return r.status_code, r.json()["choices"][0]["message"]["content"]
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return r.status_code, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+
+async def _vanish_mid_stream(http: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "stream": True}
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                return  # leaving the block drops the connection mid-stream
+
+
+def _server_errors(server: str) -> float:
+    """kimi_trt_requests_total summed over every endpoint's status 500."""
+    text = httpx.get(server + "/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("kimi_trt_requests_total{") and 'status="500"' in line
+    )
+
+
+def test_stress_mixed_traffic_leaves_normal_requests_exact(server, server_log):
+    """Bounded loopback stress: 32 concurrent normal streams (greedy completions) while 18
+    malformed requests, 8 requests with extreme sampling values, 4 clients that vanish
+    mid-stream and 4 that vanish mid-upload hit the same server. Every normal stream must
+    give exactly its serial greedy output, every bad request its 4xx, no 500 anywhere."""
+    prompts = [f"Client {i} asks: tell me about {TOPICS[i % len(TOPICS)]}." for i in range(32)]
+    errors_before = _server_errors(server)
+
+    async def run() -> tuple[list, list, list, list]:
+        aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            serial = [await _normal(aclient, p) for p in prompts]
+            normal = asyncio.gather(*(_normal(aclient, p) for p in prompts))
+            bad = asyncio.gather(*(_raw(http, b) for b, _ in MALFORMED * 2))
+            extreme = asyncio.gather(
+                *(_extreme(http, s, stream) for s in EXTREME for stream in (False, True))
+            )
+            vanished = asyncio.gather(
+                *(_vanish_mid_stream(http) for _ in range(4)),
+                *(asyncio.to_thread(_vanish_mid_upload, server) for _ in range(4)),
+            )
+            out = await asyncio.wait_for(asyncio.gather(normal, bad, extreme, vanished), 300)
+        return serial, *out[:3]
+
+    serial, concurrent, statuses, extreme = asyncio.run(run())
+    assert concurrent == serial
+    assert statuses == [status for _, status in MALFORMED * 2]
+    assert extreme == [(200, CONTENT)] * len(extreme)
+    assert _wait_for(lambda: metric(server, "kimi_trt_requests_in_flight") == 0)
+    assert _server_errors(server) == errors_before
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+    assert "Traceback" not in server_log.read_text()
+    print(
+        f"stress: {len(concurrent)} normal streams exact, {len(statuses)} malformed "
+        f"({sorted(set(statuses))}), {len(extreme)} extreme all 200, 8 vanished clients"
+    )

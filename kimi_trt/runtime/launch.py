@@ -12,10 +12,11 @@ rendezvous. Three groups are kept, each with the timeout its waits need:
   legitimately wait long for each other (weights of uneven size, slow imports);
 - default: the per-layer collectives and the heartbeat's ping, with the short collective
   timeout (KIMI_TRT_COLLECTIVE_TIMEOUT, 30 s), so a hung peer becomes an error;
-- control (gloo): rank 0's command broadcasts, on which idle workers wait. Rank 0 sends
-  one at least every HEARTBEAT_S (a ping when idle, runtime/control.py), so this group's
-  timeout is finite too: a worker whose rank 0 stopped talking gives up, and nothing
-  waits on a stuck peer for longer than a few collective timeouts.
+- control (gloo): rank 0's command broadcasts, on which idle workers wait. Its timeout
+  is each process's own: rank 0's send to a worker that does not take it (stopped,
+  hung) fails after the collective timeout; a worker waits CONTROL_TIMEOUT_S for the
+  next command, which rank 0 sends at least every HEARTBEAT_S (a ping when idle,
+  runtime/control.py), so a worker whose rank 0 went silent gives up too.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("KIMI_TRT_COLLECTIVE_TIMEOUT", "30")
 # Rank 0 pings an idle job this often, so a stuck peer is found within HEARTBEAT_S +
 # COLLECTIVE_TIMEOUT_S even when no request comes.
 HEARTBEAT_S = COLLECTIVE_TIMEOUT_S / 3
-# Workers wait this long for rank 0's next command (it sends one every HEARTBEAT_S).
+# Workers wait this long for rank 0's next command (it sends one every HEARTBEAT_S);
+# rank 0's own sends on the control group fail after COLLECTIVE_TIMEOUT_S.
 CONTROL_TIMEOUT_S = 2 * COLLECTIVE_TIMEOUT_S
 # Rendezvous and the barrier after loading: ranks start and load at different speeds.
 STARTUP_TIMEOUT_S = 2 * 3600.0
@@ -168,5 +170,6 @@ def init_process_groups(info: RankInfo, device: torch.device) -> ProcessGroups:
     )
     layers = dist.new_group(backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     # Control messages are small host-side objects: always gloo, so NCCL jobs can idle too.
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    wait = COLLECTIVE_TIMEOUT_S if info.rank == 0 else CONTROL_TIMEOUT_S
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
     return ProcessGroups(layers, control, backend, startup=dist.group.WORLD)

@@ -109,9 +109,10 @@ class InProcessBackend:
             engine.on_failure = self._engine_failed
 
     def _engine_failed(self, error: BaseException) -> None:
-        log.error("the runtime's multi-rank job failed: %s", error)
         if self.on_fatal is not None:
             self.on_fatal(error)
+        else:
+            log.error("the runtime's multi-rank job failed: %s", error)
 
     async def health(self) -> str | None:
         """None while requests can be served, else why not."""

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kimi_trt.errors import UserError
+from kimi_trt.runtime.comm import PeerFailure
 from kimi_trt.runtime.generate import GenerationResult
 from kimi_trt.runtime.sampling import SamplingParams
 
@@ -176,7 +177,10 @@ class EngineBatcher:
                 else:
                     self._finished(req, result, None)
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
-            log.exception("generate failed")
+            if isinstance(e, PeerFailure):  # the job lost a rank: known, said in one line
+                log.error("generate failed: %s", e)
+            else:
+                log.exception("generate failed")
             for i, req in enumerate(batch):
                 if not done[i]:
                     self._finished(req, None, e)

@@ -281,7 +281,11 @@ def _stop_when_fatal(server, failures: list[BaseException]):
 
     def on_fatal(error: BaseException) -> None:
         failures.append(error)
-        log.error("answering 503 and stopping in %.0f s: %s", FAILURE_GRACE_S, error)
+        log.error(
+            "the backend failed (%s); answering 503 and stopping in %.0f s",
+            error,
+            FAILURE_GRACE_S,
+        )
         timer = threading.Timer(FAILURE_GRACE_S, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
         timer.start()
