@@ -62,7 +62,7 @@ class _HealthWatch(threading.Thread):
 
 def _stream_events(base: str, lines: list[str], started: threading.Event) -> None:
     """A long streaming completion; its lines go to `lines` until the stream ends."""
-    body = {"model": "kimi-k2", "prompt": "Once upon a time", "max_tokens": 2000}
+    body = {"model": "kimi-k2", "prompt": "The", "max_tokens": 2000}  # greedy: no stop
     body |= {"stream": True, "temperature": 0}
     try:
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:

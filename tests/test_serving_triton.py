@@ -318,11 +318,15 @@ def triton_metric(server: TritonServer, key: str) -> float:
 
 def test_grpc_cancel_frees_the_engine(triton):
     """A cancelled 2000-token request must not hold the engine: the next one runs at once
-    (uncancelled, it would hold the batcher for 2000 decode steps, >= 13 s here)."""
+    (uncancelled, it would hold the batcher for 2000 decode steps, >= 13 s here). It has
+    no stop tokens, so nothing but the cancel can end it early (with the default stops the
+    scripted model ends this prompt after 33 tokens: a slow cancel then lost the race and
+    the request finished "stop" - the old flakiness of this test)."""
     long = {
         "text_input": np.asarray([b"Once upon a time"], dtype=np.object_),
         "request_output_len": np.asarray([2000], dtype=np.int32),
         "temperature": np.asarray([0.0], dtype=np.float32),
+        "stop_token_ids": np.asarray([], dtype=np.int32),
     }
     finished = 'kimi_trt_triton_requests_finished{model="kimi",reason="cancelled"}'
     before = triton_metric(triton, finished)
@@ -398,10 +402,13 @@ def test_openai_api_over_triton(triton, engine_dir, tmp_path):
         )
         assert content == CONTENT and args == call.function.arguments
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        # a client gone mid-stream cancels through gRPC: Triton's engine is free at once
+        # a client gone mid-stream cancels through gRPC: Triton's engine is free at once.
+        # Greedy from "The" the scripted model writes no stop token in 2000 tokens, so only
+        # the cancel can end it early (sampled, it could stop before the cancel arrived)
         finished = 'kimi_trt_triton_requests_finished{model="kimi",reason="cancelled"}'
         before = triton_metric(triton, finished)
-        body = {"model": "kimi-k2", "prompt": "Once", "max_tokens": 2000, "stream": True}
+        body = {"model": "kimi-k2", "prompt": "The", "max_tokens": 2000, "stream": True}
+        body["temperature"] = 0
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
             assert next(line for line in r.iter_lines() if line.startswith("data: "))
         # greedy: sampled, the scripted model's random weights may draw a stop token first
