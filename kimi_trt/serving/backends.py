@@ -1,6 +1,5 @@
 """Where the API server's tokens come from: the runtime in this process, or a Triton server.
 
-`health()` (None = ok, else the reason) is what `/health` reports.
 Both backends take prompt token ids + SamplingParams and return a `TokenStream`, an async
 iterator of generated ids that ends with `finish_reason` set ("stop", "length",
 "cancelled") or raises the backend's error. `stream.cancel()` (client gone, stop string
@@ -14,6 +13,8 @@ seen) ends the request in the backend and frees its slot:
   engines); cancelling the request cancels its gRPC call, which Triton passes on to the
   model. Tokenising, chat templates and tool parsing stay in the API server, so both
   backends behave the same.
+Each backend's `health()` (None = ok, else the reason) is what `/health` reports: the
+runtime's job state, or whether Triton calls the model ready.
 """
 
 from __future__ import annotations
@@ -105,8 +106,14 @@ class InProcessBackend:
         self.observer: Callable[[str, int], None] | None = None
         # called once, from a runtime thread, when the multi-rank job breaks
         self.on_fatal: Callable[[BaseException], None] | None = None
-        if engine.world_size > 1:
+        if engine.world_size > 1 and hasattr(engine, "on_failure"):
             engine.on_failure = self._engine_failed
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What broke the runtime's multi-rank job (engines of TensorRT-LLM's executors,
+        which run their own ranks, report none)."""
+        return getattr(self.engine, "failure", None)
 
     def _engine_failed(self, error: BaseException) -> None:
         if self.on_fatal is not None:
@@ -116,15 +123,15 @@ class InProcessBackend:
 
     async def health(self) -> str | None:
         """None while requests can be served, else why not."""
-        if self.engine.failure is not None:
-            return f"the runtime's multi-rank job failed: {self.engine.failure}"
+        if self.failure is not None:
+            return f"the runtime's multi-rank job failed: {self.failure}"
         if not self.batcher.alive:
             return "the batcher thread stopped"
         return None
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
-        if self.engine.failure is not None:
-            raise BackendUnavailable(f"the runtime's multi-rank job failed: {self.engine.failure}")
+        if self.failure is not None:
+            raise BackendUnavailable(f"the runtime's multi-rank job failed: {self.failure}")
         self.batcher.validate(prompt, params)
 
     def load(self) -> int:
@@ -146,7 +153,7 @@ class InProcessBackend:
             if result is not None and self.observer is not None:
                 self.observer(result.finish_reason or "stop", len(result.tokens))
             if error is not None and not isinstance(error, (UserError, BackendError)):
-                broken = isinstance(error, PeerFailure) or self.engine.failure is not None
+                broken = isinstance(error, PeerFailure) or self.failure is not None
                 error = (BackendUnavailable if broken else BackendError)(str(error))
             stream.finish(result.finish_reason if result is not None else None, error)
 
