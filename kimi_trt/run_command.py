@@ -157,6 +157,9 @@ def _drive(engine, src: PromptSource, params: SamplingParams, as_json: bool) -> 
             out = result_json(res, engine.tokenizer)
             body = out["text"] if out["text"] is not None else " ".join(map(str, res.tokens))
             print(f"--- prompt {i} ({res.finish_reason}) ---\n{body}", flush=True)
+    failed = [res.error for res in results if res.error is not None]
+    if failed:  # printed with finish_reason "error" above; the run still failed
+        raise failed[0]
 
 
 def run_command(
