@@ -28,6 +28,7 @@ from kimi_trt.config import BuildConfig, ModelConfig, load_build_config, load_mo
 from kimi_trt.engine_dir import MANIFEST
 from kimi_trt.errors import CheckpointError, ConfigError
 from kimi_trt.mapping import Mapping
+from kimi_trt.output_dirs import prepare_output_dir
 
 STAGES = ("plan", "convert", "compile", "package")
 STATE_DIR = ".kimi-build"
@@ -253,3 +254,4 @@ def require_clean_output(build: BuildConfig) -> None:
             f"output_dir {out} is not empty and was not written by kimi-trt build; "
             "choose an empty or new directory"
         )
+    prepare_output_dir(out, "build output_dir")  # convert_dir: checked by the converter

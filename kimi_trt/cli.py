@@ -17,7 +17,12 @@ from kimi_trt.errors import MissingCapability, UserError
 
 
 class KimiGroup(click.Group):
-    """Turns our error types into one line on stderr and the documented exit code."""
+    """Turns our error types into one line on stderr and the documented exit code.
+
+    An OSError that reaches here is about the user's files or machine (a parent that is a
+    file, a read-only or full disk, /proc): one line naming the path, exit 2. Commands
+    check their output paths up front (`output_dirs`); this is the backstop.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -28,6 +33,10 @@ class KimiGroup(click.Group):
         except click.UsageError as e:  # a bad option value: one line too, not click's three
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(UserError.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

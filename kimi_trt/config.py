@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kimi_trt.errors import ConfigError
+from kimi_trt.model_limits import check_bounds, check_types
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 SUPPORTED_ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -259,7 +260,7 @@ def _parse_rope_scaling(src: str, raw: Any) -> RopeScaling | None:
     if kind != "yarn":
         raise ConfigError(f"{src}: rope_scaling.type must be 'yarn', got {kind!r}")
     try:
-        return RopeScaling(
+        rs = RopeScaling(
             factor=float(raw["factor"]),
             original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
             beta_fast=float(raw.get("beta_fast", 32.0)),
@@ -269,11 +270,24 @@ def _parse_rope_scaling(src: str, raw: Any) -> RopeScaling | None:
         )
     except KeyError as e:
         raise ConfigError(f"{src}: rope_scaling is missing '{e.args[0]}'") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{src}: rope_scaling values must be numbers, got {raw!r:.120}") from None
+    numbers = asdict(rs)
+    numbers.pop("type")
+    for key, value in numbers.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{src}: rope_scaling.{key} must be finite, got {value!r}")
+    _check_int(
+        src, "rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings
+    )
+    return rs
 
 
 def _parse_block_size(src: str, raw: Any) -> tuple[int, int] | None:
     if raw is None:
         return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: 'quantization_config' must be an object, got {raw!r:.60}")
     if raw.get("quant_method") != "fp8":
         raise ConfigError(
             f"{src}: quantization_config.quant_method must be 'fp8', got {raw.get('quant_method')!r}"
@@ -333,6 +347,9 @@ def model_config_from_dict(raw: dict[str, Any], src: str = "config.json") -> Mod
         _check_int(src, key, values[key])
     for key in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
         _check_int(src, key, values[key], minimum=0)
+    _check_int(src, "num_key_value_heads", values["num_key_value_heads"])
+    check_types(src, values, {f.name: f.type for f in fields(ModelConfig)})
+    check_bounds(src, values)
     cfg = ModelConfig(**values)
     _check_consistency(src, cfg)
     return cfg
@@ -366,15 +383,21 @@ def _check_consistency(src: str, cfg: ModelConfig) -> None:
 
 def read_config_json(p: Path) -> Any:
     """The parsed JSON of a config.json (HF or per-rank); a one-line ConfigError naming the
-    file when it is absent or malformed."""
+    file when it is absent, unreadable or malformed."""
     if not p.is_file():
         raise ConfigError(f"{p}: config.json not found")
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: malformed JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
@@ -446,10 +469,11 @@ class WeightFormats(_Strict):
 
 
 class Limits(_Strict):
-    max_batch_size: int = Field(8, ge=1)
-    max_input_len: int = Field(2048, ge=1)
-    max_seq_len: int = Field(4096, ge=2)
-    max_num_tokens: int = Field(8192, ge=1)
+    # Upper bounds: beyond any deployment (the plan multiplies them into byte counts).
+    max_batch_size: int = Field(8, ge=1, le=1 << 16)
+    max_input_len: int = Field(2048, ge=1, le=1 << 24)
+    max_seq_len: int = Field(4096, ge=2, le=1 << 24)
+    max_num_tokens: int = Field(8192, ge=1, le=1 << 24)
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:
@@ -534,7 +558,11 @@ def load_build_config(path: str | Path, overrides: dict[str, Path] | None = None
     if not p.is_file():
         raise ConfigError(f"{p}: build config not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: malformed YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -6,72 +6,48 @@ takes seconds. `describe` returns plain data (for --json); `render` formats it f
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
-from kimi_trt.config import load_model_config
+from kimi_trt.config import load_model_config, read_config_json
 from kimi_trt.convert.hf_layout import hf_tensors
+from kimi_trt.convert.reader import read_weight_map
+from kimi_trt.convert.safetensors_header import HeaderEntry, read_safetensors_header
 from kimi_trt.engine_dir import ENGINE_FILE, is_engine_dir, read_engine_manifest
 from kimi_trt.errors import CheckpointError, ConfigError
 
-_ST_BYTES = {
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I8": 1,
-    "U8": 1,
-    "I32": 4,
-    "I64": 8,
-    "BOOL": 1,
-}
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that may be absent ({}); malformed or not an object is a one-line error."""
+    if not path.is_file():
+        return {}
+    data = read_config_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
 
 
-def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """name -> {dtype, shape} from a safetensors file's header alone."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {
-                k: {
-                    "dtype": str(f.get_slice(k).get_dtype()),
-                    "shape": list(f.get_slice(k).get_shape()),
-                }
-                for k in f.keys()
-            }
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _nbytes(info: dict[str, Any]) -> int:
-    return math.prod(info["shape"]) * _ST_BYTES.get(info["dtype"], 0)
+def _headers(paths: list[Path]) -> dict[str, HeaderEntry]:
+    """Every tensor of these safetensors files, from their fully validated headers."""
+    tensors: dict[str, HeaderEntry] = {}
+    for p in paths:
+        tensors.update(read_safetensors_header(p).tensors)
+    return tensors
 
 
 def describe_hf(path: Path) -> dict[str, Any]:
     cfg = load_model_config(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    tensors: dict[str, dict[str, Any]] = {}
-    for f in files:
-        tensors.update(safetensors_header(path / f))
+    files = sorted(set(read_weight_map(path).values()))
+    tensors = _headers([path / f for f in files])
     cls_of = {t.name: t.cls for t in hf_tensors(cfg)}
     by_class: dict[str, int] = defaultdict(int)
     for name, info in tensors.items():
-        by_class[cls_of.get(name, "other")] += _nbytes(info)
-    dtypes = Counter(info["dtype"] for info in tensors.values())
+        by_class[cls_of.get(name, "other")] += info.nbytes
+    dtypes = Counter(info.dtype for info in tensors.values())
     fp8_blocks = sum(
-        math.prod(i["shape"]) for n, i in tensors.items() if n.endswith("weight_scale_inv")
+        math.prod(i.shape) for n, i in tensors.items() if n.endswith("weight_scale_inv")
     )
     expected = set(cls_of)
     return {
@@ -90,7 +66,7 @@ def describe_hf(path: Path) -> dict[str, Any]:
         "files": len(files),
         "tensors": len(tensors),
         "dtypes": dict(dtypes),
-        "bytes": sum(_nbytes(i) for i in tensors.values()),
+        "bytes": sum(i.nbytes for i in tensors.values()),
         "bytes_by_class": dict(sorted(by_class.items())),
         "fp8_blocks": fp8_blocks,
         "missing_tensors": sorted(expected - set(tensors))[:20],
@@ -105,7 +81,7 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
 
     cfg = read_rank_config(path)
     manifest_path = path / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = _json_object(manifest_path)
     files = manifest.get("files", {})
     m, totals, ranks = cfg.mapping, defaultdict(int), []
     for rank in range(cfg.world_size):
@@ -115,10 +91,10 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
             continue
         cls_of = {t.name: t.cls for t in rank_tensor_specs(cfg.model, m, cfg.formats, rank)}
         by_class: dict[str, int] = defaultdict(int)
-        header = safetensors_header(f)
+        header = _headers([f])
         for name, info in header.items():
-            by_class[cls_of.get(name, "other")] += _nbytes(info)
-            totals[cls_of.get(name, "other")] += _nbytes(info)
+            by_class[cls_of.get(name, "other")] += info.nbytes
+            totals[cls_of.get(name, "other")] += info.nbytes
         ranks.append(
             {
                 "file": f.name,
@@ -189,7 +165,7 @@ def describe_engine_dir(path: Path) -> dict[str, Any]:
     else:
         engines = _engines(path)
         cfg_path = path / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = _json_object(cfg_path)
         mapping = cfg.get("pretrained_config", {}).get("mapping", {})
         info.update(
             world_size=info["world_size"] or mapping.get("world_size"),

@@ -29,7 +29,6 @@ from kimi_trt.convert.manifest import (
     ResumeState,
     build_manifest,
     verify_dir,
-    write_json_atomic,
 )
 from kimi_trt.convert.rank_checkpoint import (
     CONFIG_NAME,
@@ -45,6 +44,7 @@ from kimi_trt.convert.weight_table import is_ignored, rank_tensor_specs
 from kimi_trt.convert.writer import Cancelled, write_rank
 from kimi_trt.errors import CheckpointError, UserError
 from kimi_trt.mapping import Mapping, check_layout
+from kimi_trt.output_dirs import prepare_output_dir, write_json_atomic
 
 _RANK_FILE = re.compile(r"rank(\d+)\.safetensors")
 
@@ -62,9 +62,7 @@ class ConvertResult:
 
 def _check_out_dir(out: Path, config_hash: str, world: int) -> None:
     """Refuse an output dir holding another model's (or layout's) files; drop stale temps."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output path exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     cfg_path = out / CONFIG_NAME
     if cfg_path.exists():
         try:

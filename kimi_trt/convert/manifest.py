@@ -11,12 +11,9 @@ directory complete.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
-
-from safetensors import safe_open
 
 import kimi_trt
 from kimi_trt.convert.formats import ErrorStats
@@ -25,25 +22,16 @@ from kimi_trt.convert.rank_checkpoint import (
     CONFIG_NAME,
     MANIFEST_NAME,
     RankCheckpointConfig,
+    check_rank_header,
     rank_file_name,
     read_rank_config,
 )
-from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, sha256_file
-from kimi_trt.convert.weight_table import rank_tensor_specs
+from kimi_trt.convert.safetensors_io import sha256_file
 from kimi_trt.errors import CheckpointError
+from kimi_trt.output_dirs import write_json_atomic
 
 STATE_NAME = ".convert-state.json"
 MANIFEST_KIND = "kimi_trt.per_rank_checkpoint"
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temp file, fsync, rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ResumeState:
@@ -153,24 +141,6 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return data
 
 
-def _check_header(path: Path, cfg: RankCheckpointConfig, rank: int) -> None:
-    """The rank file's tensors must be exactly the table's: names, order-free, dtypes, shapes."""
-    specs = {t.name: t for t in rank_tensor_specs(cfg.model, cfg.mapping, cfg.formats, rank)}
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        for name in sorted(names - set(specs))[:1]:
-            raise CheckpointError(f"{path}: unexpected tensor {name}")
-        for name in sorted(set(specs) - names)[:1]:
-            raise CheckpointError(f"{path}: missing tensor {name}")
-        for name, spec in specs.items():
-            sl = f.get_slice(name)
-            if sl.get_dtype() != DTYPE_TO_ST[spec.dtype] or tuple(sl.get_shape()) != spec.shape:
-                raise CheckpointError(
-                    f"{path}: tensor {name} is {sl.get_dtype()} {sl.get_shape()}, expected "
-                    f"{DTYPE_TO_ST[spec.dtype]} {list(spec.shape)}"
-                )
-
-
 def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
     """Re-check a converted directory: manifest, config, every rank file's sha256 and header."""
     out = Path(out)
@@ -196,5 +166,5 @@ def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
     for rank in range(cfg.world_size):
         if rank_file_name(rank) not in manifest["files"]:
             raise CheckpointError(f"{out / MANIFEST_NAME}: no entry for {rank_file_name(rank)}")
-        _check_header(out / rank_file_name(rank), cfg, rank)
+        check_rank_header(cfg, rank)
     return manifest

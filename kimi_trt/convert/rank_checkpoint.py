@@ -24,10 +24,13 @@ from kimi_trt.config import (
     model_config_from_dict,
     read_config_json,
 )
+from kimi_trt.convert.safetensors_header import read_safetensors_header
+from kimi_trt.convert.safetensors_io import DTYPE_TO_ST
 from kimi_trt.convert.weight_table import (
     FORMAT_VERSION,
     dtype_name,
     mla_dtype,
+    rank_tensor_specs,
     vocab_size_padded,
 )
 from kimi_trt.errors import CheckpointError, ConfigError
@@ -64,6 +67,28 @@ class RankCheckpointConfig:
         if not 0 <= rank < self.world_size:
             raise CheckpointError(f"{self.path}: rank {rank} outside world_size {self.world_size}")
         return self.path / rank_file_name(rank)
+
+
+def check_rank_header(cfg: RankCheckpointConfig, rank: int) -> None:
+    """rank{rank}.safetensors must have a valid header (`safetensors_header`) listing exactly
+    the tensors the weight table gives this rank, with their dtypes and shapes. Checked
+    before any weight is read; the error names the file and the first wrong tensor."""
+    path = cfg.rank_file(rank)
+    got = read_safetensors_header(path).tensors
+    specs = rank_tensor_specs(cfg.model, cfg.mapping, cfg.formats, rank)
+    for t in specs:
+        entry = got.get(t.name)
+        if entry is None:
+            raise CheckpointError(f"{path}: tensor '{t.name}' is missing")
+        want = DTYPE_TO_ST[t.dtype]
+        if entry.dtype != want or entry.shape != t.shape:
+            raise CheckpointError(
+                f"{path}: tensor '{t.name}' is {entry.dtype} {list(entry.shape)}, "
+                f"expected {want} {list(t.shape)}"
+            )
+    extra = sorted(set(got) - {t.name for t in specs})
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} extra)")
 
 
 def checkpoint_hash(model: ModelConfig, mapping: Mapping, formats: WeightFormats) -> str:

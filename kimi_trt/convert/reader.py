@@ -1,8 +1,10 @@
 """Lazy reader of a Hugging Face checkpoint, validated against its config before any weight.
 
 `HFCheckpoint.open` parses the index and every shard's safetensors header (a few KB per
-file) and checks them against `hf_layout.hf_tensors(cfg)`: shards present and not
-truncated, every expected tensor present with the right dtype and shape (FP8 scales
+file) and checks them against `hf_layout.hf_tensors(cfg)`: shards present, regular files
+inside the checkpoint dir (an index naming `../../etc/passwd` or a FIFO is refused),
+headers valid in full (`safetensors_header`: offsets tile the file, each span is shape x
+dtype bytes), every expected tensor present with the right dtype and shape (FP8 scales
 included), unknown tensors reported. `check_scales` then reads only the small FP8 scale
 tensors and refuses NaN/Inf/non-positive values. Weights are read later, slice by slice,
 with `os.preadv` straight into a tensor at the offsets the header gives - never a whole
@@ -20,16 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from kimi_trt.config import ModelConfig
 from kimi_trt.convert.fp8 import dequantize_block
 from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
+from kimi_trt.convert.safetensors_header import read_safetensors_header, require_regular_file
 from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE, FileSlice
 from kimi_trt.convert.weight_table import consumed_sources, is_ignored
 from kimi_trt.errors import CheckpointError
@@ -54,48 +56,64 @@ def _listing(names: list[str]) -> str:
     return head + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
-def read_header(path: Path) -> dict[str, SourceTensor]:
-    """Tensors of one safetensors file from its header; refuses truncated files."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated: {size} bytes, no safetensors header")
-            (n,) = struct.unpack("<Q", raw)
-            if 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: truncated: header of {n} bytes but the file has {size} bytes"
-                )
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: shard file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-    out: dict[str, SourceTensor] = {}
-    data_size = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name} ends at byte {end} of the data section "
-                f"but the file holds {data_size} data bytes"
-            )
-        out[name] = SourceTensor(
-            name, path.name, info["dtype"], tuple(info["shape"]), end - start, 8 + n + start
+def read_header(path: Path, file: str | None = None) -> dict[str, SourceTensor]:
+    """Tensors of one safetensors file (`file`: its name relative to the checkpoint) from
+    its fully validated header (`safetensors_header`: offsets tile the file, sizes match)."""
+    header = read_safetensors_header(path)
+    return {
+        name: SourceTensor(
+            name, file or path.name, e.dtype, e.shape, e.nbytes, header.data_start + e.start
         )
-    return out
+        for name, e in header.tensors.items()
+    }
 
 
-def _weight_map(path: Path) -> dict[str, str]:
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map: tensor name -> shard file name (strings only)."""
+    require_regular_file(index, "index")
+    try:
+        raw = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{index}: malformed index (not UTF-8 JSON)") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: malformed index (no 'weight_map' object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(
+                f"{index}: weight_map entry {name!r} must be a shard file name, got {file!r:.60}"
+            )
+    return weight_map
+
+
+def _check_shard(root: Path, file: str, weight_map: dict[str, str]) -> None:
+    """A shard named by the index must lie inside the checkpoint dir and be a regular file:
+    `../../etc/passwd`, `/dev/zero` or a FIFO are refused before anything is opened."""
+    parts = PurePosixPath(file).parts
+    if PurePosixPath(file).is_absolute() or ".." in parts or not parts:
+        raise CheckpointError(
+            f"{root / INDEX_NAME}: shard {file!r} lies outside the checkpoint directory "
+            f"(tensor {next(n for n, f in weight_map.items() if f == file)})"
+        )
+    fp = root / file
+    if not fp.exists():
+        listed = sorted(n for n, f in weight_map.items() if f == file)
+        raise CheckpointError(
+            f"{fp}: shard listed in {INDEX_NAME} is missing from disk "
+            f"(holds {len(listed)} tensors, e.g. {listed[0]})"
+        )
+    require_regular_file(fp, "shard file")
+
+
+def read_weight_map(path: Path) -> dict[str, str]:
+    """tensor name -> shard file (relative to `path`): from the index, else from the headers
+    of every `*.safetensors` file. Every shard is checked by `_check_shard`."""
     index = path / INDEX_NAME
     if index.exists():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: malformed index (no 'weight_map' object)") from None
+        weight_map = _read_index(index)
+        for file in sorted(set(weight_map.values())):
+            _check_shard(path, file, weight_map)
+        return weight_map
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no {INDEX_NAME} and no *.safetensors files")
@@ -116,17 +134,8 @@ class HFCheckpoint:
     def open(cls, path: str | Path, model: ModelConfig) -> tuple[HFCheckpoint, list[str]]:
         """Validate headers against `model`; returns the reader and the unknown tensor names."""
         path = Path(path)
-        weight_map = _weight_map(path)
-        headers: dict[str, dict[str, SourceTensor]] = {}
-        for file in sorted(set(weight_map.values())):
-            fp = path / file
-            if not fp.exists():
-                listed = sorted(n for n, f in weight_map.items() if f == file)
-                raise CheckpointError(
-                    f"{fp}: shard listed in {INDEX_NAME} is missing from disk "
-                    f"(holds {len(listed)} tensors, e.g. {listed[0]})"
-                )
-            headers[file] = read_header(fp)
+        weight_map = read_weight_map(path)
+        headers = {f: read_header(path / f, f) for f in sorted(set(weight_map.values()))}
         tensors: dict[str, SourceTensor] = {}
         for name, file in weight_map.items():
             if name not in headers[file]:

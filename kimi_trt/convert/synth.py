@@ -28,6 +28,7 @@ from kimi_trt.convert.fp8 import FP8_DTYPE, FP8_MAX
 from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
 from kimi_trt.errors import ConfigError, UserError
+from kimi_trt.output_dirs import prepare_output_dir, write_json_atomic
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_CONFIG = ASSETS / "kimi-k2-instruct.config.json"
@@ -191,8 +192,7 @@ def write_synthetic_checkpoint(
     cfg: ModelConfig, out: str | Path, seed: int = 0, progress: bool = True
 ) -> dict[str, int]:
     """Write config.json, sharded safetensors and model.safetensors.index.json into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(Path(out))
     files = shard_plan(cfg)
     n = len(files)
     weight_map: dict[str, str] = {}
@@ -207,8 +207,8 @@ def write_synthetic_checkpoint(
                 weight_map[t.name] = fname
                 bar.update(t.nbytes)
     bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     _copy_matching_tokenizer(cfg, out)
+    write_json_atomic(out / "config.json", cfg.to_hf_dict())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_json_atomic(out / "model.safetensors.index.json", index)  # last: marks it complete
     return {"tensors": len(weight_map), "bytes": total, "files": n}

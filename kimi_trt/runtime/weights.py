@@ -17,8 +17,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from kimi_trt.convert.formats import decode_weight
-from kimi_trt.convert.rank_checkpoint import MANIFEST_NAME, RankCheckpointConfig
-from kimi_trt.convert.weight_table import dtype_name, rank_tensor_specs
+from kimi_trt.convert.rank_checkpoint import (
+    MANIFEST_NAME,
+    RankCheckpointConfig,
+    check_rank_header,
+)
+from kimi_trt.convert.weight_table import rank_tensor_specs
 from kimi_trt.errors import CheckpointError
 
 
@@ -44,31 +48,6 @@ def _check_manifest(cfg: RankCheckpointConfig, rank: int) -> None:
         )
 
 
-def _check_header(cfg: RankCheckpointConfig, rank: int, f, expected: list) -> None:
-    path = cfg.rank_file(rank)
-    present = set(f.keys())
-    for t in expected:
-        if t.name not in present:
-            raise CheckpointError(f"{path}: tensor '{t.name}' is missing")
-        sl = f.get_slice(t.name)
-        shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-        want_dtype = dtype_name(t.dtype)
-        if shape != t.shape or dtype.lower() not in _dtype_aliases(want_dtype):
-            raise CheckpointError(
-                f"{path}: tensor '{t.name}' is {dtype} {list(shape)}, expected {want_dtype} {list(t.shape)}"
-            )
-    extra = present - {t.name for t in expected}
-    if extra:
-        raise CheckpointError(
-            f"{path}: unexpected tensor '{sorted(extra)[0]}' ({len(extra)} extra)"
-        )
-
-
-def _dtype_aliases(name: str) -> set[str]:
-    short = {"float32": "f32", "bfloat16": "bf16", "float8_e4m3fn": "f8_e4m3", "int8": "i8"}
-    return {name, short.get(name, name)}
-
-
 def load_rank_weights(
     cfg: RankCheckpointConfig,
     rank: int,
@@ -82,13 +61,13 @@ def load_rank_weights(
     router tensors stay float32 (routing is float32 math).
     """
     _check_manifest(cfg, rank)
+    check_rank_header(cfg, rank)
     path = cfg.rank_file(rank)
     try:
         f = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers
+    except Exception as e:  # safetensors' own error types (the header was checked above)
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     specs = rank_tensor_specs(cfg.model, cfg.mapping, cfg.formats, rank)
-    _check_header(cfg, rank, f, specs)
     out: dict[str, torch.Tensor] = {}
     weights = [t for t in specs if t.role == "weight"]
     for t in tqdm(weights, desc=f"rank {rank} load", disable=not progress, unit="tensor"):

@@ -36,6 +36,7 @@ from typing import Any
 
 import kimi_trt
 from kimi_trt.errors import ConfigError, UserError
+from kimi_trt.output_dirs import prepare_output_dir
 from kimi_trt.serving.pbtxt import Enum, string_parameters, to_pbtxt
 from kimi_trt.serving.repo_spec import (
     HEADER,
@@ -165,19 +166,26 @@ def write_triton_repo(
     paths = python_search_paths(opts.python_paths)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    for name, config in configs.items():
-        model_dir = partial / name
-        (model_dir / "1").mkdir(parents=True)
-        (model_dir / "config.pbtxt").write_text(to_pbtxt(config, HEADER))
-        if name in classes:
-            (model_dir / "1" / "model.py").write_text(model_shim(classes[name], paths))
-    if engine.kind == "llmapi":
-        from kimi_trt.serving.triton_llmapi import MODEL_YAML, llmapi_model_yaml
+    prepare_output_dir(partial, "repository")
+    try:
+        for name, config in configs.items():
+            model_dir = partial / name
+            (model_dir / "1").mkdir(parents=True)
+            (model_dir / "config.pbtxt").write_text(to_pbtxt(config, HEADER))
+            if name in classes:
+                (model_dir / "1" / "model.py").write_text(model_shim(classes[name], paths))
+        if engine.kind == "llmapi":
+            from kimi_trt.serving.triton_llmapi import MODEL_YAML, llmapi_model_yaml
 
-        (partial / LLMAPI_MODEL / "1" / MODEL_YAML).write_text(llmapi_model_yaml(engine))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+            (partial / LLMAPI_MODEL / "1" / MODEL_YAML).write_text(llmapi_model_yaml(engine))
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(
+            f"{e.filename or out}: cannot write the repository ({e.strerror})"
+        ) from None
     return {
         "repository": str(out),
         "engine_kind": engine.kind,

@@ -1,0 +1,50 @@
+"""Where commands write: output directories checked up front, files replaced atomically.
+
+Every command that writes (synth, convert, build, triton-repo) calls `prepare_output_dir`
+before producing anything: it creates the directory and proves a file can be created in
+it, so an output path whose parent is a file, a read-only directory or /proc is one line
+naming the path (exit 2) instead of a traceback halfway through. Files that mark a result
+complete are written with `write_json_atomic` (temp file, fsync, rename), so a failure
+never leaves half a file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kimi_trt.errors import UserError
+
+
+def prepare_output_dir(path: Path, what: str = "output directory") -> Path:
+    """Create `path` (with parents) and check that files can be created in it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {what} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kimi-trt-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the {what} ({e.strerror or e})") from None
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file, fsync, rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
