@@ -137,7 +137,11 @@ def inspect(path: Path, as_json: bool) -> None:
     "Default: fp8_block everywhere, bf16 embeddings.",
 )
 @click.option("--verify", is_flag=True, help="Re-hash every output file against the manifest.")
-@click.option("--strict", is_flag=True, help="Unknown source tensors are an error, not a warning.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Unknown source tensors, NaN/Inf weights and absurd FP8 scales are errors, not warnings.",
+)
 @click.option(
     "--jobs", type=int, help="Ranks converted in parallel [default: min(world, CPUs, 4)]."
 )

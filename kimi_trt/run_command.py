@@ -63,29 +63,103 @@ def _need_tokenizer(tokenizer, what: str):
     return tokenizer
 
 
+def _is_text_part(part: Any) -> bool:
+    return (
+        isinstance(part, dict)
+        and part.get("type", "text") == "text"
+        and isinstance(part.get("text"), str)
+    )
+
+
+def _is_tool_call(call: Any) -> bool:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return (
+        isinstance(fn, dict)
+        and isinstance(fn.get("name"), str)
+        and isinstance(fn.get("arguments", ""), (str, dict))
+        and isinstance(call.get("id", ""), str)
+    )
+
+
+def _check_message(m: Any, where: str) -> None:
+    """One chat message as the template expects it: string role, content a string, null
+    or a list of text parts, string name/tool_call_id, tool_calls with named functions."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise UserError(f"{where}: expected an object with a string 'role'")
+    content = m.get("content")
+    if not (
+        content is None
+        or isinstance(content, str)
+        or (isinstance(content, list) and all(map(_is_text_part, content)))
+    ):
+        raise UserError(
+            f"{where}: 'content' must be a string, null or a list of "
+            f'{{"type": "text", "text": "..."}} parts, got {json.dumps(content)[:60]}'
+        )
+    for key in ("name", "tool_call_id"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise UserError(f"{where}: {key!r} must be a string, got {json.dumps(m[key])[:60]}")
+    calls = m.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(map(_is_tool_call, calls))):
+        raise UserError(
+            f"{where}: 'tool_calls' must be a list of "
+            f'{{"function": {{"name": "...", "arguments": ...}}}} objects'
+        )
+
+
+def _messages(obj: dict, where: str) -> list[dict]:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of message objects")
+    for i, m in enumerate(messages):
+        _check_message(m, f"{where}: messages[{i}]")
+    return messages
+
+
+def _text(obj: dict, key: str, where: str) -> str:
+    if not isinstance(obj[key], str):
+        raise UserError(f"{where}: {key!r} must be a string, got {json.dumps(obj[key])[:60]}")
+    return obj[key]
+
+
 def _line_prompt(obj: Any, tokenizer, where: str) -> list[int]:
+    """The token ids of one --input-file line; every field's type checked first."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object")
     if "prompt_ids" in obj:
         ids = obj["prompt_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
             raise UserError(f"{where}: 'prompt_ids' must be a list of integers")
         return ids
     if "prompt" in obj:
-        return _need_tokenizer(tokenizer, where).encode(str(obj["prompt"]))
+        return _need_tokenizer(tokenizer, where).encode(_text(obj, "prompt", where))
     if "chat" in obj:
-        messages = [{"role": "user", "content": str(obj["chat"])}]
+        messages = [{"role": "user", "content": _text(obj, "chat", where)}]
         return _need_tokenizer(tokenizer, where).apply_chat_template(messages)
     if "messages" in obj:
-        return _need_tokenizer(tokenizer, where).apply_chat_template(obj["messages"])
+        return _need_tokenizer(tokenizer, where).apply_chat_template(_messages(obj, where))
     raise UserError(f"{where}: needs one of 'prompt', 'chat', 'messages', 'prompt_ids'")
 
 
-def read_input_file(path: Path, tokenizer) -> list[list[int]]:
+def _read_text(path: Path) -> str:
+    """The input file as UTF-8 text; unreadable or not UTF-8 is one line naming the spot."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read input file ({e.strerror or e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read input file ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+def read_input_file(path: Path, tokenizer) -> list[list[int]]:
+    text = _read_text(path)
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -94,6 +168,8 @@ def read_input_file(path: Path, tokenizer) -> list[list[int]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{n}: malformed JSON (nested too deeply)") from None
         prompts.append(_line_prompt(obj, tokenizer, f"{path}:{n}"))
     if not prompts:
         raise UserError(f"{path}: no prompts (expected one JSON object per line)")

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from kimi_trt.convert.rank_checkpoint import (
     build_config,
     checkpoint_hash,
     parse_config,
+    rank_file_name,
 )
 from kimi_trt.convert.reader import HFCheckpoint
 from kimi_trt.convert.transforms import RankContext
@@ -94,6 +96,22 @@ def _check_out_dir(out: Path, config_hash: str, world: int) -> None:
         (out / f"{name}.tmp").unlink(missing_ok=True)
 
 
+def _report_nonfinite(
+    out: Path, entries: list[dict[str, Any]], strict: bool, warn: Callable[[str], None]
+) -> None:
+    """NaN/Inf the rank files hold (written now or reused): a warning per tensor, or under
+    --strict an error (a reused file may come from a run without --strict)."""
+    for rank, entry in enumerate(entries):
+        for name, found in sorted(entry.get("nonfinite", {}).items()):
+            msg = (
+                f"{out / rank_file_name(rank)}: tensor {name} holds {found['count']} NaN/Inf "
+                f"values (from {found['sources']})"
+            )
+            if strict:
+                raise CheckpointError(f"{msg} (--strict)")
+            warn(f"warning: {msg}")
+
+
 def _write_config(out: Path, config: dict[str, Any]) -> None:
     path = out / CONFIG_NAME
     text = json.dumps(config, indent=2) + "\n"
@@ -119,6 +137,7 @@ def _run_ranks(
     state: ResumeState,
     bar: tqdm,
     jobs: int,
+    strict: bool,
 ) -> None:
     """Convert `ranks` on `jobs` threads; the first error stops the others and is raised."""
     stop = threading.Event()
@@ -129,7 +148,7 @@ def _run_ranks(
             bar.update(n)
 
     def one(rank: int) -> None:
-        entry = write_rank(make_ctx(rank), out, meta(rank), advance, stop)
+        entry = write_rank(make_ctx(rank), out, meta(rank), advance, stop, strict)
         state.record(rank, entry)
 
     errors: list[BaseException] = []
@@ -174,7 +193,7 @@ def run_conversion(
         )
     if unknown:
         warn(f"warning: {len(unknown)} unknown tensor(s) ignored: {', '.join(unknown[:10])}")
-    reader.check_scales()
+    reader.check_scales(warn, strict)
     h = checkpoint_hash(model, mapping, formats)
     world = mapping.world_size
     _check_out_dir(out, h, world)
@@ -201,11 +220,12 @@ def run_conversion(
 
     n_jobs = jobs or min(len(todo) or 1, os.cpu_count() or 1, 4)
     try:
-        _run_ranks(todo, make_ctx, out, meta, state, bar, n_jobs)
+        _run_ranks(todo, make_ctx, out, meta, state, bar, n_jobs, strict)
     finally:
         bar.close()
     cfg = parse_config(config, str(out / CONFIG_NAME), out)
     entries = [state.ranks[str(r)] for r in range(world)]
+    _report_nonfinite(out, entries, strict, warn)
     manifest = build_manifest(out, cfg, entries, _source_summary(reader, unknown), requantised)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     if verify:

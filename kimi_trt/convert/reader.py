@@ -23,16 +23,18 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from kimi_trt.config import ModelConfig
-from kimi_trt.convert.fp8 import dequantize_block
+from kimi_trt.convert.fp8 import FP8_MAX, dequantize_block
 from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
 from kimi_trt.convert.safetensors_header import read_safetensors_header, require_regular_file
 from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE, FileSlice
+from kimi_trt.convert.weight_check import MAX_SCALE, MAX_WEIGHT_MAGNITUDE
 from kimi_trt.convert.weight_table import consumed_sources, is_ignored
 from kimi_trt.errors import CheckpointError
 
@@ -242,8 +244,10 @@ class HFCheckpoint:
             return self.raw_rows(name, rows), scale
         return self.read(name, rows, cols), scale
 
-    def check_scales(self) -> None:
-        """Refuse NaN/Inf/non-positive block scales (reads only the scale tensors)."""
+    def check_scales(self, warn: Callable[[str], None] = print, strict: bool = False) -> None:
+        """Refuse NaN/Inf/non-positive block scales (reads only the scale tensors); scales
+        that let weights exceed any trained model's (`weight_check.MAX_SCALE`) are a
+        warning, an error under `strict`."""
         for name, info in self.tensors.items():
             if not name.endswith(".weight_scale_inv") or is_ignored(name, self.model):
                 continue
@@ -258,6 +262,15 @@ class HFCheckpoint:
                     f"{self.path / info.file}: tensor {name} has {int((s <= 0).sum())} "
                     "non-positive scales"
                 )
+            top = float(s.max())
+            if top > MAX_SCALE:
+                msg = (
+                    f"{self.path / info.file}: tensor {name} has scale {top:.3g}: its weights "
+                    f"reach {top * FP8_MAX:.3g}, beyond any trained model (> {MAX_WEIGHT_MAGNITUDE:g})"
+                )
+                if strict:
+                    raise CheckpointError(f"{msg} (--strict)")
+                warn(f"warning: {msg}")
 
     @property
     def source_bytes(self) -> int:

@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,8 @@ class StreamingSafetensorsWriter:
     """Write tensors in the order of `specs`; `close()` fsyncs and renames into place.
 
     Use as a context manager: on an exception the temporary file is removed.
+    `on_data(name, st_dtype, chunk)`, when given, sees every chunk of tensor bytes in file
+    order as it is hashed (the converter's NaN/Inf scan); it may raise to abort the file.
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class StreamingSafetensorsWriter:
         specs: list[TensorSpec],
         metadata: dict[str, str] | None = None,
         direct: bool = False,
+        on_data: Callable[[str, str, memoryview], None] | None = None,
     ):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
@@ -202,6 +206,7 @@ class StreamingSafetensorsWriter:
         self.data_bytes = offset
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * ((-len(blob)) % 8)
+        self._on_data = on_data
         self._sources: dict[Path, int] = {}  # fds of FileSlice sources, closed with the file
         self._buf: memoryview | None = None
         self._out = OutputFile(self.tmp, direct)
@@ -222,8 +227,7 @@ class StreamingSafetensorsWriter:
                 f"{self.path}: expected {spec.name} {spec.dtype} {spec.shape}, "
                 f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
-        t = tensor.detach().contiguous().cpu()
-        self._emit(memoryview(t.view(torch.uint8).numpy()))
+        self._emit_tensor(spec, tensor)
         self._next += 1
 
     def write_parts(self, name: str, parts) -> None:
@@ -245,16 +249,22 @@ class StreamingSafetensorsWriter:
                     f"fit {spec.name} {spec.dtype} {spec.shape}"
                 )
             if isinstance(part, FileSlice):
-                self._copy_slice(part)
+                self._copy_slice(spec, part)
             else:
-                t = part.detach().contiguous().cpu()
-                self._emit(memoryview(t.view(torch.uint8).numpy()))
+                self._emit_tensor(spec, part)
             got += part.numel()
         if got != want:
             raise ValueError(f"{self.path}: {name} got {got} elements, expected {want}")
         self._next += 1
 
-    def _copy_slice(self, part: FileSlice) -> None:
+    def _emit_tensor(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        view = memoryview(t.view(torch.uint8).numpy())
+        if self._on_data is not None:
+            self._on_data(spec.name, DTYPE_TO_ST[spec.dtype], view)
+        self._emit(view)
+
+    def _copy_slice(self, spec: TensorSpec, part: FileSlice) -> None:
         """Stream a verbatim byte range: read into the staging buffer (or the reused copy
         buffer), hash it there, write it (short reads retried)."""
         fd = self._sources.get(part.path)
@@ -271,6 +281,8 @@ class StreamingSafetensorsWriter:
                     f"{part.path}: unexpected end of file at byte {part.offset + done}"
                 )
             self._sha.update(view[:n])
+            if self._on_data is not None:
+                self._on_data(spec.name, DTYPE_TO_ST[spec.dtype], view[:n])
             if space is None:
                 self._out.write(view[:n])
             else:

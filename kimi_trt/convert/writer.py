@@ -3,7 +3,8 @@
 The header comes from `rank_tensor_specs` (shapes alone), then every target is written
 part by part as its transform yields them, hashed on the fly by the streaming writer and
 renamed into place only when complete. A scale tensor follows its weight, so its (small)
-parts are kept until the weight is written. Write errors (disk full, file-size limit)
+parts are kept until the weight is written. The same bytes pass a NaN/Inf scan
+(`weight_check.NonFiniteScan`) on their way out. Write errors (disk full, file-size limit)
 become one-line `CheckpointError`s naming the file and tensor; the temp file is removed.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from kimi_trt.convert.rank_checkpoint import rank_file_name
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
 from kimi_trt.convert.transforms import TRANSFORMS, Part, RankContext, Stored
+from kimi_trt.convert.weight_check import NonFiniteScan
 from kimi_trt.convert.weight_table import rank_tensor_specs, rule_instances, rule_targets
 from kimi_trt.errors import CheckpointError
 
@@ -41,25 +43,49 @@ def _parts(
         yield weight
 
 
+def _sources(rule, layer: int | None) -> str:
+    """The HF tensors a rule instance reads, for messages ({E}: every expert)."""
+    prefix = f"model.layers.{layer}." if layer is not None else ""
+    return ", ".join(prefix + s for s in rule.sources)
+
+
 def write_rank(
     ctx: RankContext,
     out: Path,
     metadata: dict[str, str],
     advance: Callable[[int], None],
     stop: threading.Event,
+    strict: bool = False,
 ) -> dict[str, Any]:
-    """Convert and write rank{ctx.rank}.safetensors; returns its resume-state entry."""
+    """Convert and write rank{ctx.rank}.safetensors; returns its resume-state entry.
+
+    Every tensor's bytes pass a NaN/Inf scan (`weight_check`): counts go into the entry
+    ("nonfinite": target -> {count, sources}); under `strict` the first one is an error.
+    """
     model, mapping, formats = ctx.model, ctx.mapping, ctx.formats
     specs = rank_tensor_specs(model, mapping, formats, ctx.rank)
     path = out / rank_file_name(ctx.rank)
-    current = specs[0].name
+    current, sources = specs[0].name, {}
+
+    def refuse(name: str, count: int) -> None:
+        raise CheckpointError(
+            f"{path}: tensor {name} would hold {count} NaN/Inf values (from "
+            f"{sources[name]}) (--strict)"
+        )
+
+    scan = NonFiniteScan(refuse if strict else None)
     try:
         writer = StreamingSafetensorsWriter(
-            path, [TensorSpec(t.name, t.dtype, t.shape) for t in specs], metadata, direct=True
+            path,
+            [TensorSpec(t.name, t.dtype, t.shape) for t in specs],
+            metadata,
+            direct=True,
+            on_data=scan,
         )
         with writer:
             for rule, layer in rule_instances(model):
                 targets = rule_targets(rule, model, mapping, formats, layer)
+                sources.update({t.name: _sources(rule, layer) for t in targets})
                 current = targets[0].name
                 scales: list[Stored] = []
                 gen = TRANSFORMS[rule.transform](ctx, rule, layer)
@@ -84,4 +110,5 @@ def write_rank(
         "bytes_by_class": dict(sorted(by_class.items())),
         "stats": {k: v.state() for k, v in sorted(ctx.stats.items())},
         "derived": {k: v.state() for k, v in sorted(ctx.derived.items())},
+        "nonfinite": {k: {"count": n, "sources": sources[k]} for k, n in scan.counts.items()},
     }
