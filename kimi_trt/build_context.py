@@ -27,6 +27,7 @@ from typing import Any
 from kimi_trt.config import BuildConfig, ModelConfig, load_build_config, load_model_config
 from kimi_trt.engine_dir import MANIFEST
 from kimi_trt.errors import CheckpointError, ConfigError
+from kimi_trt.json_files import read_json_or
 from kimi_trt.mapping import Mapping
 from kimi_trt.output_dirs import prepare_output_dir
 
@@ -104,11 +105,9 @@ class BuildState:
         self.root = output_dir
         self.path = output_dir / STATE_DIR / "state.json"
         self.stages: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            try:
-                self.stages = json.loads(self.path.read_text()).get("stages", {})
-            except (json.JSONDecodeError, AttributeError):
-                self.stages = {}  # unreadable state: every stage is redone
+        raw = read_json_or(self.path, {})  # unreadable state: every stage is redone
+        stages = raw.get("stages") if isinstance(raw, dict) else None
+        self.stages = stages if isinstance(stages, dict) else {}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kimi_trt.errors import ConfigError
+from kimi_trt.json_files import read_json
 from kimi_trt.model_limits import check_bounds, check_types
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
@@ -386,18 +387,7 @@ def read_config_json(p: Path) -> Any:
     file when it is absent, unreadable or malformed."""
     if not p.is_file():
         raise ConfigError(f"{p}: config.json not found")
-    try:
-        return json.loads(p.read_bytes().decode("utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: malformed JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    return read_json(p, ConfigError)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -21,10 +21,11 @@ Layout (written by kimi_trt.build_stages):
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
+
+from kimi_trt.json_files import read_json_or
 
 ENGINE_FORMAT = "kimi_trt.engine_dir"
 MANIFEST = "manifest.json"
@@ -36,12 +37,7 @@ ENGINE_FILE = re.compile(r"rank(\d+)\.engine")
 def read_engine_manifest(path: Path) -> dict[str, Any] | None:
     """The engine manifest of `path`, or None if it has none (or another kind of manifest)."""
     p = Path(path) / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
+    data = read_json_or(p, None) if p.is_file() else None
     return data if isinstance(data, dict) and data.get("kind") == ENGINE_FORMAT else None
 
 

@@ -76,13 +76,15 @@ def describe_hf(path: Path) -> dict[str, Any]:
 
 def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
     """A per-rank checkpoint: layout, formats, and bytes per rank and tensor class."""
+    from kimi_trt.convert.manifest import manifest_files
     from kimi_trt.convert.rank_checkpoint import MANIFEST_NAME, read_rank_config
     from kimi_trt.convert.weight_table import rank_tensor_specs
 
     cfg = read_rank_config(path)
     manifest_path = path / MANIFEST_NAME
-    manifest = _json_object(manifest_path)
-    files = manifest.get("files", {})
+    manifest = _json_object(manifest_path)  # absent: an incomplete conversion, described too
+    files = manifest_files(manifest_path, manifest) if manifest else {}
+    requant = manifest.get("requant_error")
     m, totals, ranks = cfg.mapping, defaultdict(int), []
     for rank in range(cfg.world_size):
         f = cfg.rank_file(rank)
@@ -123,7 +125,9 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
         "bytes_by_class": dict(sorted(totals.items())),
         "ranks": ranks,
         "requant_error": {
-            k: v for k, v in manifest.get("requant_error", {}).items() if not v.get("exact")
+            k: v
+            for k, v in (requant if isinstance(requant, dict) else {}).items()
+            if isinstance(v, dict) and not v.get("exact")
         },
     }
 

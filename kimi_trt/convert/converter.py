@@ -45,6 +45,7 @@ from kimi_trt.convert.units import requantisation_plan
 from kimi_trt.convert.weight_table import is_ignored, rank_tensor_specs
 from kimi_trt.convert.writer import Cancelled, write_rank
 from kimi_trt.errors import CheckpointError, UserError
+from kimi_trt.json_files import read_json_or
 from kimi_trt.mapping import Mapping, check_layout
 from kimi_trt.output_dirs import prepare_output_dir, write_json_atomic
 
@@ -67,10 +68,7 @@ def _check_out_dir(out: Path, config_hash: str, world: int) -> None:
     prepare_output_dir(out)
     cfg_path = out / CONFIG_NAME
     if cfg_path.exists():
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raw = {}
+        raw = read_json_or(cfg_path, {})
         ours = raw.get("kimi_trt") if isinstance(raw, dict) else None
         if not isinstance(ours, dict):
             raise UserError(

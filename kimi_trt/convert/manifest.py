@@ -10,9 +10,9 @@ directory complete.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kimi_trt
@@ -28,10 +28,13 @@ from kimi_trt.convert.rank_checkpoint import (
 )
 from kimi_trt.convert.safetensors_io import sha256_file
 from kimi_trt.errors import CheckpointError
+from kimi_trt.json_files import read_json, read_json_or
 from kimi_trt.output_dirs import write_json_atomic
 
 STATE_NAME = ".convert-state.json"
 MANIFEST_KIND = "kimi_trt.per_rank_checkpoint"
+LEGACY_ALGORITHM = "sha256"  # manifests without a checksum_algorithm field
+HASH_CHUNK = 8 << 20
 
 
 class ResumeState:
@@ -42,13 +45,10 @@ class ResumeState:
         self.config_hash = config_hash
         self.ranks: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        if self.path.exists():
-            try:
-                raw = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                raw = {}
-            if raw.get("config_hash") == config_hash:
-                self.ranks = dict(raw.get("ranks", {}))
+        raw = read_json_or(self.path, {})  # unreadable state: every rank is converted again
+        ranks = raw.get("ranks") if isinstance(raw, dict) else None
+        if isinstance(ranks, dict) and raw.get("config_hash") == config_hash:
+            self.ranks = dict(ranks)
 
     def record(self, rank: int, entry: dict[str, Any]) -> None:
         with self._lock:
@@ -128,16 +128,54 @@ def build_manifest(
     }
 
 
+def file_digest(path: str | Path, algorithm: str) -> str:
+    """Hex digest of a whole file by a manifest's checksum algorithm (any hashlib name).
+
+    The one function load-time checks and --verify call, so a faster algorithm recorded
+    by newer manifests needs only this changed."""
+    try:
+        h = hashlib.new(algorithm)
+    except (ValueError, TypeError):
+        raise CheckpointError(f"{path}: unknown checksum algorithm {algorithm!r}") from None
+    buf = memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
+def manifest_algorithm(manifest: dict[str, Any]) -> str:
+    """The algorithm of a manifest's file digests (manifests without the field: sha256)."""
+    return str(manifest.get("checksum_algorithm", LEGACY_ALGORITHM))
+
+
+def manifest_files(path: Path, manifest: Any) -> dict[str, dict[str, Any]]:
+    """A manifest's `files` map (per-rank checkpoint or engine dir), each entry checked:
+    a relative name inside the directory, integer `bytes`, a string digest."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: malformed manifest (no 'files' object)")
+    algorithm = manifest_algorithm(manifest)
+    for name, info in files.items():
+        parts = PurePosixPath(name).parts
+        if PurePosixPath(name).is_absolute() or ".." in parts or not parts:
+            raise CheckpointError(f"{path}: file {name!r} lies outside the directory")
+        ok = isinstance(info, dict) and isinstance(info.get("bytes"), int)
+        if not (ok and isinstance(info.get(algorithm), str)):
+            raise CheckpointError(
+                f"{path}: malformed entry for {name} (expected 'bytes' and '{algorithm}')"
+            )
+    return files
+
+
 def read_manifest(out: Path) -> dict[str, Any]:
     p = out / MANIFEST_NAME
     if not p.is_file():
         raise CheckpointError(f"{p}: no manifest.json: the directory is not a complete conversion")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if data.get("kind") != MANIFEST_KIND:
+    data = read_json(p, CheckpointError)
+    if not isinstance(data, dict) or data.get("kind") != MANIFEST_KIND:
         raise CheckpointError(f"{p}: not a kimi_trt per-rank checkpoint manifest")
+    manifest_files(p, data)
     return data
 
 
@@ -146,11 +184,12 @@ def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
     out = Path(out)
     manifest = read_manifest(out)
     cfg = read_rank_config(out)
-    if manifest["config_hash"] != cfg.config_hash:
+    if manifest.get("config_hash") != cfg.config_hash:
         raise CheckpointError(
-            f"{out / MANIFEST_NAME}: config_hash {manifest['config_hash']} does not match "
+            f"{out / MANIFEST_NAME}: config_hash {manifest.get('config_hash')} does not match "
             f"config.json's {cfg.config_hash}"
         )
+    algorithm = manifest_algorithm(manifest)
     for name, info in manifest["files"].items():
         path = out / name
         if not path.is_file():
@@ -159,8 +198,8 @@ def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: {path.stat().st_size} bytes, manifest.json says {info['bytes']}"
             )
-        if sha256_file(path) != info["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match manifest.json (corrupted)")
+        if file_digest(path, algorithm) != info[algorithm]:
+            raise CheckpointError(f"{path}: {algorithm} does not match manifest.json (corrupted)")
         if progress is not None:
             progress(info["bytes"])
     for rank in range(cfg.world_size):

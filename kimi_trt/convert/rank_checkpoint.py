@@ -34,6 +34,7 @@ from kimi_trt.convert.weight_table import (
     vocab_size_padded,
 )
 from kimi_trt.errors import CheckpointError, ConfigError
+from kimi_trt.json_files import read_json_or
 from kimi_trt.mapping import Mapping
 
 ARCHITECTURE = "KimiK2ForCausalLM"
@@ -251,7 +252,5 @@ def is_rank_checkpoint(path: Path) -> bool:
     p = Path(path) / CONFIG_NAME
     if not p.is_file():
         return False
-    try:
-        return "kimi_trt" in json.loads(p.read_text())
-    except (json.JSONDecodeError, TypeError):
-        return False
+    raw = read_json_or(p, None)
+    return isinstance(raw, dict) and "kimi_trt" in raw

@@ -19,7 +19,6 @@ Every error is one line naming the file and the tensor.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -37,6 +36,7 @@ from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, ST_TO_DTYPE, FileSlice
 from kimi_trt.convert.weight_check import MAX_SCALE, MAX_WEIGHT_MAGNITUDE
 from kimi_trt.convert.weight_table import consumed_sources, is_ignored
 from kimi_trt.errors import CheckpointError
+from kimi_trt.json_files import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_LISTED = 5
@@ -73,10 +73,7 @@ def read_header(path: Path, file: str | None = None) -> dict[str, SourceTensor]:
 def _read_index(index: Path) -> dict[str, str]:
     """The index's weight_map: tensor name -> shard file name (strings only)."""
     require_regular_file(index, "index")
-    try:
-        raw = json.loads(index.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{index}: malformed index (not UTF-8 JSON)") from None
+    raw = read_json(index, CheckpointError)
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: malformed index (no 'weight_map' object)")

@@ -16,7 +16,6 @@ fails at once (`Engine.failure`, `Engine.on_failure`) instead of waiting on a br
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from kimi_trt.convert.rank_checkpoint import is_rank_checkpoint, read_rank_config
 from kimi_trt.engine_dir import is_llmapi_dir
 from kimi_trt.errors import ConfigError, UserError
+from kimi_trt.json_files import read_json_or
 from kimi_trt.runtime.comm import Comm
 from kimi_trt.runtime.control import ControlChannel
 from kimi_trt.runtime.executor import StepPlan, TorchExecutor
@@ -83,13 +83,9 @@ def find_checkpoint_dir(engine_dir: Path) -> Path | None:
 
 def read_limits(engine_dir: Path, model_max_positions: int) -> Limits:
     """Limits from config.json `build_config` (written by `kimi-trt build`), else defaults."""
-    raw: dict = {}
-    cfg_file = engine_dir / "config.json"
-    if cfg_file.is_file():
-        try:
-            raw = json.loads(cfg_file.read_text()).get("build_config") or {}
-        except (json.JSONDecodeError, AttributeError):
-            raw = {}
+    cfg = read_json_or(engine_dir / "config.json", {})
+    raw = cfg.get("build_config") if isinstance(cfg, dict) else None
+    raw = raw if isinstance(raw, dict) else {}
     max_seq = int(raw.get("max_seq_len") or min(model_max_positions, DEFAULT_MAX_SEQ_LEN))
     return Limits(
         max_batch_size=int(raw.get("max_batch_size") or DEFAULT_MAX_BATCH),

@@ -1,22 +1,22 @@
 """Loading one rank's file of a per-rank checkpoint into dequantised tensors.
 
-The rank file must hold exactly the tensors the weight table says (names, dtypes,
-shapes: `weight_table.rank_tensor_specs`) - checked from the safetensors header before
-any weight is read, so a wrong or truncated file fails with one line naming the file and
-tensor. Linear weights are decoded from their stored format (`formats.decode_weight`:
+The rank file must have the size and checksum its manifest records (verified once per
+change of the file: `integrity`) and hold exactly the tensors the weight table says
+(names, dtypes, shapes: `weight_table.rank_tensor_specs`) under a valid header
+(`safetensors_header`) - all checked before any weight is read, so a corrupt, wrong or
+truncated file fails with one line naming the file and tensor. Linear weights are decoded from their stored format (`formats.decode_weight`:
 block FP8, int8 weight-only, bf16, fp32) into the compute dtype; the executor then runs
 plain matmuls (CPU has no FP8 GEMM).
 """
 
 from __future__ import annotations
 
-import json
-
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from kimi_trt.convert.formats import decode_weight
+from kimi_trt.convert.manifest import manifest_algorithm, manifest_files
 from kimi_trt.convert.rank_checkpoint import (
     MANIFEST_NAME,
     RankCheckpointConfig,
@@ -24,28 +24,32 @@ from kimi_trt.convert.rank_checkpoint import (
 )
 from kimi_trt.convert.weight_table import rank_tensor_specs
 from kimi_trt.errors import CheckpointError
+from kimi_trt.json_files import read_json
+from kimi_trt.runtime.integrity import verify_file
 
 
 def _check_manifest(cfg: RankCheckpointConfig, rank: int) -> None:
-    """The manifest is written last: without it the directory is incomplete."""
+    """The manifest is written last: without it the directory is incomplete. The rank file
+    must have the size and checksum it records (`integrity.verify_file`)."""
     path = cfg.path / MANIFEST_NAME
     if not path.is_file():
         raise CheckpointError(
             f"{cfg.path}: no {MANIFEST_NAME} - the conversion did not finish; rerun `kimi-trt convert`"
         )
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{path}: malformed manifest (no 'files' object)") from None
+    manifest = read_json(path, CheckpointError)
+    files = manifest_files(path, manifest)
     rank_file = cfg.rank_file(rank)
-    want = files.get(rank_file.name, {}).get("bytes")
+    if rank_file.name not in files:
+        raise CheckpointError(f"{path}: no entry for {rank_file.name}")
     if not rank_file.is_file():
         raise CheckpointError(f"{rank_file}: rank file not found")
-    got = rank_file.stat().st_size
-    if want is not None and got != want:
+    want, got = files[rank_file.name]["bytes"], rank_file.stat().st_size
+    if got != want:
         raise CheckpointError(
             f"{rank_file}: {got} bytes but the manifest records {want} (truncated or replaced)"
         )
+    algorithm = manifest_algorithm(manifest)
+    verify_file(rank_file, algorithm, files[rank_file.name][algorithm])
 
 
 def load_rank_weights(

@@ -166,7 +166,7 @@ def write_triton_repo(
     paths = python_search_paths(opts.python_paths)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    prepare_output_dir(partial, "repository")
+    prepare_output_dir(out.parent, "parent directory of the repository")
     try:
         for name, config in configs.items():
             model_dir = partial / name
