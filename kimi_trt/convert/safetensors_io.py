@@ -259,7 +259,7 @@ class StreamingSafetensorsWriter:
 
     def _emit_tensor(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
         t = tensor.detach().contiguous().cpu()
-        view = memoryview(t.view(torch.uint8).numpy())
+        view = memoryview(t.view(torch.uint8).reshape(-1).numpy())
         if self._on_data is not None:
             self._on_data(spec.name, DTYPE_TO_ST[spec.dtype], view)
         self._emit(view)

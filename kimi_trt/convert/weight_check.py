@@ -61,6 +61,7 @@ class NonFiniteScan:
             return
         word, mask = bits
         size = np.dtype(word).itemsize
+        data = data.cast("B") if data.ndim != 1 or data.format != "B" else data
         if name != self._name:
             self._name, self._carry = name, b""
         found = 0
