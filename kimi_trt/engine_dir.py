@@ -50,9 +50,5 @@ def is_engine_dir(path: Path) -> bool:
 
 def is_llmapi_dir(path: Path) -> bool:
     """An engine dir of backend llmapi: config.json says so."""
-    p = Path(path) / ENGINE_CONFIG
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    data = read_json_or(Path(path) / ENGINE_CONFIG, None)
     return isinstance(data, dict) and data.get("backend") == LLMAPI_BACKEND
