@@ -7,7 +7,7 @@ magnitude. The converter checks both, cheaply:
 - `NonFiniteScan` sees every chunk of tensor bytes the rank writer emits - the same bytes
   it hashes, already in memory, whether copied verbatim from the checkpoint or computed -
   and counts NaN/Inf from the bit patterns (exponent all ones; e4m3fn's NaN code), with no
-  conversion to float: one AND and one max per element over a reused scratch buffer.
+  conversion to float: two read-only max passes over each chunk (signed and unsigned).
 - `MAX_SCALE` bounds FP8 block scales (read anyway by `HFCheckpoint.check_scales`).
 
 Found values are a warning naming the tensor, or under `--strict` an error that stops the
@@ -21,9 +21,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-# safetensors dtype -> (integer word of its width, bits that are all ones exactly for
-# NaN/Inf). Keyed by the file format's names, so the scan works on raw bytes whatever
-# array library produced them.
+# safetensors dtype -> (unsigned word of its width, the exponent bits). A value is NaN/Inf
+# exactly when its exponent bits are all ones (e4m3fn: when all its bits but the sign are),
+# so, as unsigned words, positive ones are those in [exp, 2^(w-1)) and negative ones
+# those >= 2^(w-1) | exp: the signed view's max and the unsigned view's max find both in
+# two read-only passes. Keyed by the file format's names: the scan works on raw bytes
+# whatever array library produced them.
 NONFINITE_BITS: dict[str, tuple[type, int]] = {
     "F64": (np.uint64, 0x7FF0000000000000),
     "F32": (np.uint32, 0x7F800000),
@@ -32,7 +35,7 @@ NONFINITE_BITS: dict[str, tuple[type, int]] = {
     "F8_E4M3": (np.uint8, 0x7F),  # e4m3fn: no Inf; S.1111.111 is NaN
     "F8_E5M2": (np.uint8, 0x7C),
 }
-SCAN_BYTES = 1 << 20  # scanned at once: the scratch buffer stays in cache
+SCAN_BYTES = 1 << 20  # scanned at once: the second pass finds the chunk in cache
 # A trained model's weights stay far below float16's range; a block scale that lets its
 # weights exceed it (448 x scale > 65504) is corrupt, and its activations overflow.
 MAX_WEIGHT_MAGNITUDE = 65504.0
@@ -52,7 +55,6 @@ class NonFiniteScan:
         self._on_found = on_found
         self._name: str | None = None
         self._carry = b""
-        self._scratch = np.empty(SCAN_BYTES, dtype=np.uint8)
 
     def __call__(self, name: str, dtype: str, data: memoryview) -> None:
         """Scan the next chunk of tensor `name` (safetensors dtype `dtype`)."""
@@ -81,10 +83,13 @@ class NonFiniteScan:
             if self._on_found is not None:
                 self._on_found(name, found)
 
-    def _count(self, data: memoryview, word: type, mask: int) -> int:
+    @staticmethod
+    def _count(data: memoryview, word: type, mask: int) -> int:
         values = np.frombuffer(data, dtype=word)
-        scratch = self._scratch.view(word)[: len(values)]
-        np.bitwise_and(values, word(mask), out=scratch)
-        if scratch.max(initial=0) != mask:  # the common case: one AND, one max
+        if not len(values):
             return 0
-        return int(np.count_nonzero(scratch == mask))
+        sign = 1 << (8 * values.itemsize - 1)
+        signed = values.view(values.dtype.str.replace("u", "i"))
+        if signed.max() < mask and values.max() < (sign | mask):  # the common case
+            return 0
+        return int(np.count_nonzero((values & word(mask)) == mask))
