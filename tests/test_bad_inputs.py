@@ -20,6 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from kimi_trt.cli import main
+from kimi_trt.runtime import sampling
 from tests import bad_inputs_support as bad
 from tests.bad_inputs_support import INDEX, LAYER1
 from tests.runtime_support import converted
@@ -533,6 +534,10 @@ def test_bad_input_is_one_line_exit_2(command, make, fragment, tiny_ckpt, rank_s
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    not hasattr(sampling, "SamplingError"),
+    reason="needs numerically safe sampling (issue 21 items 1/15: runtime/sampling.py, issue-21a)",
+)
 @pytest.mark.parametrize(
     "args",
     [
