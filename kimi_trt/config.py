@@ -459,11 +459,10 @@ class WeightFormats(_Strict):
 
 
 class Limits(_Strict):
-    # Upper bounds: beyond any deployment (the plan multiplies them into byte counts).
-    max_batch_size: int = Field(8, ge=1, le=1 << 16)
-    max_input_len: int = Field(2048, ge=1, le=1 << 24)
-    max_seq_len: int = Field(4096, ge=2, le=1 << 24)
-    max_num_tokens: int = Field(8192, ge=1, le=1 << 24)
+    max_batch_size: int = Field(8, ge=1)
+    max_input_len: int = Field(2048, ge=1)
+    max_seq_len: int = Field(4096, ge=2)
+    max_num_tokens: int = Field(8192, ge=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> Limits:

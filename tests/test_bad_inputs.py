@@ -308,6 +308,11 @@ def _input_file(env: Env, text: bytes) -> list[str]:
     ]
 
 
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _line(obj) -> Callable[[Env], list[str]]:
     return lambda env: _input_file(env, json.dumps(obj).encode() + b"\n")
 
@@ -351,9 +356,15 @@ for cid, change, frag in CONFIGS:
 CORPUS += [
     (
         "plan",
-        "yaml-max-seq-len-2^40",
-        lambda env: ["plan", "--config", str(env.build_yaml(limits={"max_seq_len": 2**40}))],
-        "max_seq_len",
+        "yaml-not-utf8",
+        lambda env: ["plan", "--config", str(_written(env.tmp / "b.yaml", b"gpu: \xff\n"))],
+        "not UTF-8",
+    ),
+    (
+        "plan",
+        "yaml-nested-10000-deep",
+        lambda env: ["plan", "--config", str(_written(env.tmp / "b.yaml", bad.deep_json()))],
+        "nested too deeply",
     ),
     (
         "synth",

@@ -123,11 +123,14 @@ def load_engine(
     max_batch_size: int | None = None,
     max_seq_len: int | None = None,
     progress: bool = False,
+    verify_checksums: bool = True,
 ):
     """Open an engine dir on this rank (every rank of the job calls this).
 
     dtype: compute dtype (default float32 on CPU, bfloat16 on GPU). max_batch_size /
     max_seq_len override the engine dir's limits (slots and cache length per generate).
+    verify_checksums: check each rank file against its manifest digest while loading
+    (`runtime/integrity`); off only for a caller that has just re-hashed every file.
     """
     path = Path(engine_dir)
     if not path.is_dir():
@@ -159,7 +162,9 @@ def load_engine(
         raise shared(e) from None
     if dtype is None:
         dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    executor = TorchExecutor(cfg, rt.comm, dtype, limits.max_seq_len, progress=progress)
+    executor = TorchExecutor(
+        cfg, rt.comm, dtype, limits.max_seq_len, progress=progress, verify_checksum=verify_checksums
+    )
     rt.comm.barrier()  # ranks load at different speeds; wait without the collective timeout
     return Engine(rt, executor, limits, tokenizer)
 

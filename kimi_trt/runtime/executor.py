@@ -78,6 +78,7 @@ class TorchExecutor:
         dtype: torch.dtype,
         max_seq_len: int,
         progress: bool = False,
+        verify_checksum: bool = True,
     ):
         self.cfg = cfg
         self.model = cfg.model
@@ -87,7 +88,7 @@ class TorchExecutor:
         self.device = comm.device
         self.dtype = dtype
         self.dp = cfg.mapping.attention_dp and comm.world_size > 1
-        w = load_rank_weights(cfg, self.rank, dtype, self.device, progress=progress)
+        w = load_rank_weights(cfg, self.rank, dtype, self.device, progress, verify_checksum)
         self.layers = [self._layer(w, i) for i in range(self.model.num_hidden_layers)]
         self.embed = w["transformer.vocab_embedding.weight"]
         self.ln_f = w["transformer.ln_f.weight"]

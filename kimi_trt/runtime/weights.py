@@ -28,7 +28,7 @@ from kimi_trt.json_files import read_json
 from kimi_trt.runtime.integrity import verify_file
 
 
-def _check_manifest(cfg: RankCheckpointConfig, rank: int) -> None:
+def _check_manifest(cfg: RankCheckpointConfig, rank: int, verify_checksum: bool) -> None:
     """The manifest is written last: without it the directory is incomplete. The rank file
     must have the size and checksum it records (`integrity.verify_file`)."""
     path = cfg.path / MANIFEST_NAME
@@ -48,8 +48,9 @@ def _check_manifest(cfg: RankCheckpointConfig, rank: int) -> None:
         raise CheckpointError(
             f"{rank_file}: {got} bytes but the manifest records {want} (truncated or replaced)"
         )
-    algorithm = manifest_algorithm(manifest)
-    verify_file(rank_file, algorithm, files[rank_file.name][algorithm])
+    if verify_checksum:
+        algorithm = manifest_algorithm(manifest)
+        verify_file(rank_file, algorithm, files[rank_file.name][algorithm])
 
 
 def load_rank_weights(
@@ -58,13 +59,15 @@ def load_rank_weights(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool = False,
+    verify_checksum: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of rank{rank}.safetensors by its stored name, decoded to `dtype` on `device`.
 
     Linear weights are returned under their `.weight` name (scale companions consumed);
-    router tensors stay float32 (routing is float32 math).
+    router tensors stay float32 (routing is float32 math). `verify_checksum=False` is for a
+    caller that has just hashed the files itself (`kimi-trt verify`).
     """
-    _check_manifest(cfg, rank)
+    _check_manifest(cfg, rank, verify_checksum)
     check_rank_header(cfg, rank)
     path = cfg.rank_file(rank)
     try:
