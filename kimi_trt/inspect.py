@@ -100,6 +100,7 @@ def describe_hf(path: Path) -> dict[str, Any]:
 
 def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
     """A per-rank checkpoint: layout, formats, and bytes per rank and tensor class."""
+    from kimi_trt.checksum import manifest_algorithm
     from kimi_trt.convert.rank_checkpoint import MANIFEST_NAME, read_rank_config
     from kimi_trt.convert.weight_table import rank_tensor_specs
 
@@ -107,6 +108,7 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     files = manifest.get("files", {})
+    algorithm = manifest_algorithm(manifest)
     m, totals, ranks = cfg.mapping, defaultdict(int), []
     for rank in range(cfg.world_size):
         f = cfg.rank_file(rank)
@@ -124,7 +126,7 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
                 "file": f.name,
                 "bytes": f.stat().st_size,
                 "tensors": len(header),
-                "sha256": files.get(f.name, {}).get("sha256", "")[:16],
+                "checksum": f"{algorithm}:{files.get(f.name, {}).get(algorithm, '')[:16]}",
                 "bytes_by_class": dict(sorted(by_class.items())),
             }
         )

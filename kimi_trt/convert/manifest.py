@@ -1,11 +1,12 @@
 """manifest.json, the resume state, and `--verify` for a per-rank checkpoint directory.
 
-The resume state (`.convert-state.json`) records each finished rank file: sha256 (hashed
-while writing), sizes, bytes per class and its requantisation statistics. A rerun reuses a
-rank file only if the state lists it with the same config hash and its bytes hash to the
-recorded sha256. The manifest is built from the state alone, so it is identical whether
-ranks were converted now or reused; it is written last, and its presence marks the
-directory complete.
+The resume state (`.convert-state.json`) records each finished rank file: its checksum
+(`kimi_trt.checksum`, XXH3-128, hashed while writing), sizes, bytes per class and its
+requantisation statistics. A rerun reuses a rank file only if the state lists it with the
+same config hash and its bytes hash to the recorded checksum. The manifest is built from
+the state alone, so it is identical whether ranks were converted now or reused; it is
+written last, and its presence marks the directory complete. It names its checksum
+algorithm; `verify_dir` re-hashes every file with it, a few files at a time.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
 import kimi_trt
+from kimi_trt.checksum import ALGORITHM, file_matches, hash_file, manifest_algorithm
 from kimi_trt.convert.formats import ErrorStats
 from kimi_trt.convert.hf_layout import TENSOR_CLASSES
 from kimi_trt.convert.rank_checkpoint import (
@@ -28,12 +31,14 @@ from kimi_trt.convert.rank_checkpoint import (
     rank_file_name,
     read_rank_config,
 )
-from kimi_trt.convert.safetensors_io import DTYPE_TO_ST, sha256_file
+from kimi_trt.convert.safetensors_io import DTYPE_TO_ST
 from kimi_trt.convert.weight_table import rank_tensor_specs
 from kimi_trt.errors import CheckpointError
 
 STATE_NAME = ".convert-state.json"
 MANIFEST_KIND = "kimi_trt.per_rank_checkpoint"
+MANIFEST_VERSION = 2  # 2: checksum_algorithm + digests keyed by algorithm (1: sha256 only)
+VERIFY_THREADS = 4  # files hashed at once by verify_dir (reads and hashing release the GIL)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -68,12 +73,11 @@ class ResumeState:
             write_json_atomic(self.path, {"config_hash": self.config_hash, "ranks": self.ranks})
 
     def reusable(self, out: Path, rank: int) -> dict[str, Any] | None:
-        """The recorded entry if rank{rank}.safetensors exists and its sha256 matches."""
+        """The recorded entry if rank{rank}.safetensors exists and its checksum matches."""
         entry = self.ranks.get(str(rank))
-        path = out / rank_file_name(rank)
-        if entry is None or not path.exists() or path.stat().st_size != entry["bytes"]:
+        if entry is None or not file_matches(out / rank_file_name(rank), entry, ALGORITHM):
             return None
-        return entry if sha256_file(path) == entry["sha256"] else None
+        return entry
 
 
 def _merge_errors(
@@ -110,20 +114,21 @@ def build_manifest(
     by_format |= {"embeddings": formats.embeddings, "lm_head": formats.embeddings}
     files: dict[str, Any] = {
         CONFIG_NAME: {
-            "sha256": sha256_file(out / CONFIG_NAME),
+            ALGORITHM: hash_file(out / CONFIG_NAME),
             "bytes": (out / CONFIG_NAME).stat().st_size,
         }
     }
     totals = dict.fromkeys(TENSOR_CLASSES, 0)
     for rank, entry in enumerate(entries):
         files[rank_file_name(rank)] = {
-            k: entry[k] for k in ("sha256", "bytes", "tensors", "tensor_bytes", "bytes_by_class")
+            k: entry[k] for k in (ALGORITHM, "bytes", "tensors", "tensor_bytes", "bytes_by_class")
         }
         for cls, n in entry["bytes_by_class"].items():
             totals[cls] = totals.get(cls, 0) + n
     return {
         "kind": MANIFEST_KIND,
-        "format_version": 1,
+        "format_version": MANIFEST_VERSION,
+        "checksum_algorithm": ALGORITHM,
         "tool": "kimi_trt",
         "tool_version": kimi_trt.__version__,
         "config_hash": cfg.config_hash,
@@ -156,7 +161,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
 def _check_header(path: Path, cfg: RankCheckpointConfig, rank: int) -> None:
     """The rank file's tensors must be exactly the table's: names, order-free, dtypes, shapes."""
     specs = {t.name: t for t in rank_tensor_specs(cfg.model, cfg.mapping, cfg.formats, rank)}
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="np") as f:
         names = set(f.keys())
         for name in sorted(names - set(specs))[:1]:
             raise CheckpointError(f"{path}: unexpected tensor {name}")
@@ -172,7 +177,7 @@ def _check_header(path: Path, cfg: RankCheckpointConfig, rank: int) -> None:
 
 
 def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
-    """Re-check a converted directory: manifest, config, every rank file's sha256 and header."""
+    """Re-check a converted directory: manifest, config, every file's checksum and header."""
     out = Path(out)
     manifest = read_manifest(out)
     cfg = read_rank_config(out)
@@ -181,6 +186,7 @@ def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
             f"{out / MANIFEST_NAME}: config_hash {manifest['config_hash']} does not match "
             f"config.json's {cfg.config_hash}"
         )
+    algorithm = manifest_algorithm(manifest)
     for name, info in manifest["files"].items():
         path = out / name
         if not path.is_file():
@@ -189,10 +195,20 @@ def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: {path.stat().st_size} bytes, manifest.json says {info['bytes']}"
             )
-        if sha256_file(path) != info["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match manifest.json (corrupted)")
+        if not isinstance(info.get(algorithm), str):
+            raise CheckpointError(f"{out / MANIFEST_NAME}: {name} has no {algorithm} checksum")
+
+    def check(item: tuple[str, dict[str, Any]]) -> None:
+        name, info = item
+        if hash_file(out / name, algorithm) != info[algorithm]:
+            raise CheckpointError(
+                f"{out / name}: {algorithm} checksum does not match manifest.json (corrupted)"
+            )
         if progress is not None:
             progress(info["bytes"])
+
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        list(pool.map(check, manifest["files"].items()))
     for rank in range(cfg.world_size):
         if rank_file_name(rank) not in manifest["files"]:
             raise CheckpointError(f"{out / MANIFEST_NAME}: no entry for {rank_file_name(rank)}")

@@ -20,6 +20,7 @@ from kimi_trt.convert.formats import decode_weight
 from kimi_trt.convert.rank_checkpoint import MANIFEST_NAME, RankCheckpointConfig
 from kimi_trt.convert.weight_table import dtype_name, rank_tensor_specs
 from kimi_trt.errors import CheckpointError
+from kimi_trt.torch_bridge import to_numpy, to_torch
 
 
 def _check_manifest(cfg: RankCheckpointConfig, rank: int) -> None:
@@ -95,7 +96,11 @@ def load_rank_weights(
         try:
             if t.rule.kind == "linear":
                 fmt = cfg.formats.for_class(t.cls)
-                value = decode_weight(f.get_tensor, t.name, fmt, cfg.weight_block_size)
+                value = to_torch(
+                    decode_weight(
+                        lambda n: to_numpy(f.get_tensor(n)), t.name, fmt, cfg.weight_block_size
+                    )
+                )
             else:
                 value = f.get_tensor(t.name)
         except Exception as e:
