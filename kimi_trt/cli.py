@@ -287,7 +287,7 @@ def verify(engine_dir: Path) -> None:
     \b
     Works on every backend (torch executor on CPU/GPU, TensorRT-LLM's PyTorch backend,
     TensorRT-LLM engines); multi-rank dirs under mpirun (rank 0 prints). Checks: every
-    manifest file's sha256, then per prompt the greedy tokens and the logits behind them
+    manifest file's checksum, then per prompt the greedy tokens and the logits behind them
     against transformers' DeepseekV3 on the same weights. Prints a pass/fail table; exit 1
     when a check fails. The references are for the shipped tiny model: build
     build_configs/tiny_*.yaml with the backend and layout to prove, then verify it.
