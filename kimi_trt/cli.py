@@ -247,6 +247,9 @@ def build(
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k cut.")
 @click.option("--seed", type=int, help="Sampling seed (reproducible sampling).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
+@click.option(
+    "--keep-special-tokens", is_flag=True, help="Print special tokens (left out by default)."
+)
 def run(
     engine_dir: Path,
     prompt: str | None,
@@ -260,6 +263,7 @@ def run(
     top_k: int,
     seed: int | None,
     as_json: bool,
+    keep_special_tokens: bool,
 ) -> None:
     """Generate from an engine dir. Multi-rank: `mpirun -np N kimi-trt run ...`.
 
@@ -276,7 +280,7 @@ def run(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
     src = PromptSource(prompt, chat, prompt_ids, input_file)
-    sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir))
+    sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir, keep_special_tokens))
 
 
 @main.command()
@@ -402,6 +406,12 @@ def triton_worker(engine_dir) -> None:
     type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"], False),
     default="info",
     show_default=True,
+)
+@click.option(
+    "--constrain-tool-calls/--no-constrain-tool-calls",
+    default=True,
+    show_default=True,
+    help="Decode opened tool calls under a grammar (declared names, schema-valid arguments).",
 )
 def serve(engine_dir, host, port, triton_url, triton_model, model_name, **options) -> None:
     """OpenAI-compatible API (+ Anthropic /v1/messages) for an engine dir.

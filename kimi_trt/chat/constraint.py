@@ -108,11 +108,20 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)
 
 
+# JSON as Kimi writes arguments (json.dumps' separators, no other whitespace): bounded
+# output, and the form the model was trained on. lenient: keywords llguidance does not
+# implement (`format`, ...) are ignored rather than refused.
+JSON_OPTIONS = {
+    "lenient": True,
+    "whitespace_flexible": False,
+    "key_separator": ": ",
+    "item_separator": ", ",
+}
+
+
 def _lenient(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema with llguidance told to skip keywords it does not implement (`format`...)."""
-    guidance = dict(schema.get("x-guidance") or {})
-    guidance.setdefault("lenient", True)
-    return {**schema, "x-guidance": guidance}
+    """The schema with our llguidance options (a schema's own `x-guidance` wins)."""
+    return {**schema, "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
 
 
 def _call_alternatives(spec: OutputSpec, index: int | None) -> str:

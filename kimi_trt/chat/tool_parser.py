@@ -163,6 +163,7 @@ class StreamingToolCallParser:
         self._tool_names = None if tool_names is None else frozenset(tool_names)
         self._skip_special = skip_special
         self._repaired = False  # the open call needed mending
+        self.rejected_headers = 0  # call headers that were not a declared function
         self._scanner = _MarkerScanner()
         self._detok: IncrementalDetokenizer | None = None
         self._state = "content"  # content | section | header | args | skip | done
@@ -313,6 +314,7 @@ class StreamingToolCallParser:
             else:
                 match = None
         if match is None:
+            self.rejected_headers += 1
             self._degrade_header(f"tool-call header {header[:80]!r} is not a declared function")
             self._state = "skip"  # its arguments are content too
             return
