@@ -42,9 +42,7 @@ def chat(client: openai.OpenAI, **kw):
     kw = {"model": MODEL, "messages": MESSAGES, "temperature": 0, **kw}
     whole = client.chat.completions.create(**kw)
     choice = whole.choices[0]
-    calls = [
-        (t.id, t.function.name, t.function.arguments) for t in choice.message.tool_calls or []
-    ]
+    calls = [(t.id, t.function.name, t.function.arguments) for t in choice.message.tool_calls or []]
     content, streamed, finish = "", {}, None
     truncated = None
     for chunk in client.chat.completions.create(**kw, stream=True):

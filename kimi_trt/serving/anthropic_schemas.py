@@ -1,7 +1,8 @@
 """Request body of Anthropic's Messages API (`POST /v1/messages`), validated strictly.
 
 Same rules as schemas.py: strict types, unknown fields refused, the few fields clients
-send routinely (`metadata`, `service_tier`, `cache_control` on blocks) accepted and unused.
+send routinely (`metadata`, `service_tier`, `cache_control` on blocks, what the SDK dumps
+of a response block sent back as history) accepted and unused.
 Structured output is Anthropic's `output_config: {"format": {"type": "json_schema",
 "schema": ...}}`; tool_choice is auto / any / tool (named) / none, with
 `disable_parallel_tool_use`.
@@ -36,6 +37,8 @@ class ToolUseBlock(Strict):
     name: ToolName
     input: dict[str, Any]
     cache_control: dict[str, Any] | None = None
+    caller: dict[str, Any] | None = None  # what the SDK dumps of a response block
+    toolset_name: str | None = None
 
 
 class ToolResultBlock(Strict):

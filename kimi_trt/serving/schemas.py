@@ -168,12 +168,12 @@ def check_json_values(body: Any) -> None:
             raise APIError(
                 400, f"{_path(parts)}: nested deeper than {MAX_JSON_DEPTH}", param=_top(parts)
             )
-        if isinstance(value, dict):
-            for key, item in value.items():
+        if isinstance(value, dict):  # pushed in reverse: the first bad value is reported
+            for key in reversed(value):
                 _check_value(key, parts)
-                stack.append((item, [*parts, key], depth + 1))
+                stack.append((value[key], [*parts, key], depth + 1))
         elif isinstance(value, list):
-            stack.extend((item, [*parts, i], depth + 1) for i, item in enumerate(value))
+            stack.extend((value[i], [*parts, i], depth + 1) for i in reversed(range(len(value))))
         else:
             _check_value(value, parts)
 
