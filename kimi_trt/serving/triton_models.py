@@ -111,7 +111,8 @@ class _Responder:
         self.sender = sender
         self.streaming = streaming
         self.metrics = metrics
-        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        # text_output leaves special tokens out (as peers do); output_ids has every id
+        self.detok = tokenizer.detokenizer(skip_special=True) if tokenizer is not None else None
         self.tokens: list[int] = []
         self.text = ""
 
