@@ -146,9 +146,10 @@ def constrain_logits(logits: torch.Tensor, constraint: TokenConstraint | None) -
     mask = constraint.allowed()
     if mask is None:
         return logits
-    full = torch.zeros(logits.shape[-1], dtype=torch.bool)
     n = min(mask.shape[-1], logits.shape[-1])
-    full[:n] = mask[:n]
-    if not bool(full.any()):
+    if not bool(mask[:n].any()):
         return logits
-    return logits.masked_fill(~full, float("-inf"))
+    out = logits.clone()
+    out[n:] = float("-inf")
+    out[:n].masked_fill_(~mask[:n], float("-inf"))
+    return out
