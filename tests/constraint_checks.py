@@ -73,7 +73,16 @@ def check_openai(base: str) -> None:
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     outcome = 'kimi_trt_tool_calls_total{{outcome="{}"}}'
     before = {k: metric(base, outcome.format(k)) for k in ("valid", "invalid", "truncated")}
+    _auto(client)
+    _tool_choice(client)
+    _ids_format_and_truncation(client)
+    after = {k: metric(base, outcome.format(k)) for k in before}
+    assert after["invalid"] >= before["invalid"] + 2  # the unconstrained undeclared call x2
+    assert after["truncated"] >= before["truncated"] + 2
+    assert after["valid"] >= before["valid"] + 10
 
+
+def _auto(client: openai.OpenAI) -> None:
     # the declared call is left as the model wrote it
     content, calls, finish, _ = chat(client, tools=TOOLS)
     assert (content, finish) == (CONTENT, "tool_calls")
@@ -94,6 +103,8 @@ def check_openai(base: str) -> None:
     content, calls, _, _ = chat(client, max_tokens=12)
     assert calls == [] and content.startswith(CONTENT)
 
+
+def _tool_choice(client: openai.OpenAI) -> None:
     # required / named / one call only: a call from the first token
     for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
         content, calls, finish, _ = chat(
@@ -110,6 +121,8 @@ def check_openai(base: str) -> None:
     assert calls == [] and content.startswith(CONTENT) and finish == "length"
     assert none.usage.prompt_tokens == auto.usage.prompt_tokens
 
+
+def _ids_format_and_truncation(client: openai.OpenAI) -> None:
     # ids: the model's call gets the dialogue-wide counter (two calls in the history)
     history = MESSAGES + [
         {
@@ -138,11 +151,6 @@ def check_openai(base: str) -> None:
     _, calls, finish, whole = chat(client, tools=TOOLS, max_tokens=12)
     assert finish == "length" and whole.choices[0].model_extra["tool_call_truncated"] is True
     assert len(calls) == 1 and not calls[0][2].endswith("}")
-
-    after = {k: metric(base, outcome.format(k)) for k in before}
-    assert after["invalid"] >= before["invalid"] + 2  # the unconstrained undeclared call x2
-    assert after["truncated"] >= before["truncated"] + 2
-    assert after["valid"] >= before["valid"] + 10
 
 
 def _anthropic_message(client: anthropic.Anthropic, **kw):
