@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_trt.engine_dir import ENGINE_CONFIG, LLMAPI_BACKEND
-from kimi_trt.errors import ConfigError, MissingCapability
+from kimi_trt.errors import ConfigError, MissingCapability, UserError
 from kimi_trt.llmapi.options import OPTIONS_FILE, read_options
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info

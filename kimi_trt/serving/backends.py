@@ -188,7 +188,7 @@ class TritonBackend:
         self.batched = summary.kind == "trtllm"
         self.description = f"Triton at {self.url}, model {self.model}"
         self.constraints = ConstraintFactory(tokenizer)  # checks specs; the model builds them
-        self.supports_constraints = self.model == "kimi"
+        self.supports_constraints = summary.kind == "torch"  # the kimi model on our runtime
         self._client = None
         self._active = 0
 

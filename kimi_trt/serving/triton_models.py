@@ -190,8 +190,8 @@ class KimiEngineModel:
             return None
         from kimi_trt.chat.constraint import ConstraintFactory, OutputSpec
 
-        if self.tokenizer is None:
-            raise UserError("output_spec needs the engine dir's tokenizer")
+        if self.tokenizer is None or not getattr(self.engine, "supports_constraints", False):
+            raise UserError("output_spec: this engine cannot constrain decoding")
         if self.constraints is None:
             self.constraints = ConstraintFactory(self.tokenizer)
         return self.constraints.build(OutputSpec.from_json(_text(spec.reshape(-1)[0])))
