@@ -1,23 +1,28 @@
-"""Benchmark: `kimi-trt convert` vs a raw copy of the same files, and peak RSS vs model size.
+"""Benchmark: `kimi-trt convert` vs a raw copy and vs DeepSeek-V3's `inference/convert.py`.
 
-In one run, on synthetic checkpoints with Kimi-K2 tensor shapes (preset k2-shapes, with
-the number of layers/experts/vocab chosen to fit the machine):
-  1. copy     `cp -r ckpt copy && sync`                       (the disk-speed floor)
-     and a user-space stream copy (read + sha256 + write + fsync of every byte: the floor
-     for any converter that checksums what it writes)
-  2. convert  `kimi-trt convert --tp 8 --ep 8` (fp8_block)    (same files, same cache state)
-  3. the same two steps on a ~2x-size checkpoint (3x the experts), for peak RSS
-Both timed steps read a source that was just read once (page cache warm for both), and
-both end with their output on disk (cp: sync; convert: fsync per rank file).
-Each measurement is repeated `--repeat` times, interleaved (copy, convert, copy, ...), and
-the medians are reported: on a shared machine single timings swing by 2-5x.
-Peak RSS is the converter process's ru_maxrss. Results: bench/results/convert.json.
+Side by side in one run, on synthetic checkpoints with Kimi-K2's tensor shapes (preset
+k2-shapes; layers, experts and vocab chosen to fit the machine), for each --tp:
+  copy      `cp -r ckpt out && sync`                                   (the disk floor)
+  kimi      `kimi-trt convert --tp N --ep N && sync`                    (fp8_block)
+  deepseek  `python convert.py --model-parallel N ... && sync`          (with --deepseek)
+Each round runs the commands one after another (the order rotates between rounds), every
+one from the same cache state (the source read once just before) and ending with its
+output on disk (`sync`); outputs are deleted outside the timings. Reported per command:
+the median over rounds of wall seconds, CPU seconds (user + system of its processes) and
+peak RSS (the largest process), and the medians of the per-round ratios kimi / copy,
+deepseek / copy and kimi / deepseek: on a shared machine single timings swing by 2-5x,
+ratios taken within a round much less. The load average is recorded with every round.
+A second checkpoint of about twice the size (more experts) is converted --rounds-2x times
+for peak RSS, which must not grow with the checkpoint.
+Also measured: checksum throughputs (sha256, XXH3-128, BLAKE3 if installed) and the
+converter's start-up (imports) against `import torch`.
 
-Targets (issue 3): convert <= 1.3 x copy; peak RSS <= 1.5 GB + largest tensor, and the
-same at 2x checkpoint size.
+DeepSeek-V3's script is not shipped here: fetch `inference/convert.py` from the
+deepseek-ai/DeepSeek-V3 repository and pass its path; it needs torch and safetensors
+(the project's venv has both). Results: bench/results/convert.json.
 
-    .venv/bin/python bench/convert.py [--work DIR] [--layers 3] [--experts 16] [--vocab 32768]
-                                      [--repeat 3]
+    .venv/bin/python bench/convert.py [--deepseek PATH/convert.py] [--tp 8 2] [--rounds 5]
+                                      [--layers 3] [--experts 32] [--vocab 32768]
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,11 +42,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kimi_trt.convert.hf_layout import hf_tensors  # noqa: E402
-from kimi_trt.convert.safetensors_io import OutputFile  # noqa: E402
 from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "convert.json"
+# Runs `argv` and prints wall seconds, CPU seconds of its processes and their largest RSS.
+TIMER = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
+    "w = time.perf_counter() - t; ru = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "sys.stderr.write(r.stderr.decode()[-2000:]); "
+    "print(w, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024); sys.exit(r.returncode)"
+)
 
 
 def synth(work: Path, name: str, layers: int, experts: int, vocab: int) -> Path:
@@ -53,9 +63,9 @@ def synth(work: Path, name: str, layers: int, experts: int, vocab: int) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    write_synthetic_checkpoint(cfg, out, seed=0, progress=True)
+    write_synthetic_checkpoint(cfg, out, seed=0, progress=False)
     stamp.write_text(json.dumps(cfg.to_hf_dict()))
-    print(f"synth {name}: {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"synth {name}: {size_of(out) / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
     return out
 
 
@@ -64,171 +74,185 @@ def size_of(path: Path) -> int:
 
 
 def warm(path: Path) -> None:
-    """Read every file once so copy and convert both start from the same cache state."""
+    """Read every file once so that every command starts from the same cache state."""
     for p in sorted(path.iterdir()):
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
 
 
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+def commands(src: Path, out: Path, tp: int, experts: int, deepseek: Path | None) -> dict:
+    """name -> shell command line (each ends with sync)."""
+    kimi = f"{sys.executable} -m kimi_trt.cli convert --quiet --checkpoint {src} --out {out}"
+    cmds = {
+        "copy": f"cp -r {src} {out} && sync",
+        "kimi": f"{kimi} --tp {tp} --ep {tp} && sync",
+    }
+    if deepseek is not None:
+        cmds["deepseek"] = (
+            f"{sys.executable} {deepseek} --hf-ckpt-path {src} --save-path {out} "
+            f"--n-experts {experts} --model-parallel {tp} && sync"
+        )
+    return cmds
 
 
-def timed_copy(src: Path, dst: Path) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system, of cp and sync) of `cp -r` + `sync`."""
-    shutil.rmtree(dst, ignore_errors=True)
-    t, cpu = time.perf_counter(), children_cpu()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    subprocess.run(["sync"], check=True)
-    return time.perf_counter() - t, children_cpu() - cpu
-
-
-def timed_stream_copy(src: Path, dst: Path) -> float:
-    """The floor for any user-space converter: read, sha256 and write every byte, fsync
-    (one thread, through the converter's output path: O_DIRECT staging buffer)."""
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    t = time.perf_counter()
-    for p in sorted(src.glob("*.safetensors")):
-        sha = hashlib.sha256()
-        out = OutputFile(dst / p.name, direct=True)
-        with open(p, "rb", buffering=0) as fin:
-            while n := fin.readinto(space := out.space()):
-                sha.update(space[:n])
-                out.commit(n)
-        out.finish()
-    return time.perf_counter() - t
-
-
-def timed_convert(src: Path, out: Path, tp: int) -> tuple[float, int, float]:
-    """Wall seconds, peak RSS (bytes) and CPU seconds of one `kimi-trt convert` process."""
+def timed(cmd: str, src: Path, out: Path) -> dict[str, float]:
+    """Wall s, CPU s and peak RSS bytes of one shell command; its output removed after."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "kimi_trt.cli", "convert", "--quiet", "--checkpoint", str(src)]
-    cmd += ["--out", str(out), "--tp", str(tp), "--ep", str(tp)]
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-        "ru = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(time.perf_counter() - t, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)"
-    )
+    warm(src)
     proc = subprocess.run(
-        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-c", TIMER, "sh", "-c", cmd], capture_output=True, text=True, cwd=REPO
     )
     if proc.returncode:
-        raise SystemExit(proc.stderr)
-    seconds, maxrss_kb, cpu = proc.stdout.split()
-    return float(seconds), int(maxrss_kb) * 1024, float(cpu)
+        raise SystemExit(f"{cmd}\n{proc.stderr}")
+    wall, cpu, rss = (float(x) for x in proc.stdout.split())
+    shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": int(rss), "loadavg": os.getloadavg()[0]}
 
 
-def measure_round(one: Path, two: Path, work: Path, tp: int) -> dict[str, float]:
-    """One interleaved round: copy, stream copy and convert of 1x, then copy and convert
-    of 2x; every output removed again."""
-    r: dict[str, float] = {}
-    warm(one)
-    r["copy_s"], r["copy_cpu_s"] = timed_copy(one, work / "copy")
-    shutil.rmtree(work / "copy")
-    warm(one)
-    r["stream_s"] = timed_stream_copy(one, work / "copy")
-    shutil.rmtree(work / "copy")
-    warm(one)
-    r["convert_s"], r["rss1"], r["convert_cpu_s"] = timed_convert(one, work / "out-1x", tp)
-    r["out_bytes"] = size_of(work / "out-1x")
-    shutil.rmtree(work / "out-1x")
-    warm(two)
-    r["copy2_s"], _ = timed_copy(two, work / "copy")
-    shutil.rmtree(work / "copy")
-    warm(two)
-    r["convert2_s"], r["rss2"], _ = timed_convert(two, work / "out-2x", tp)
-    shutil.rmtree(work / "out-2x")
-    r["convert_over_copy"] = r["convert_s"] / r["copy_s"]
-    r["convert_over_copy_2x"] = r["convert2_s"] / r["copy2_s"]
-    return r
+def run_rounds(src: Path, work: Path, tp: int, experts: int, args) -> list[dict]:
+    cmds = commands(src, work / "out", tp, experts, args.deepseek)
+    names = list(cmds)
+    rounds = []
+    for i in range(args.rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        r = {name: timed(cmds[name], src, work / "out") for name in order}
+        r["order"] = order
+        rounds.append(r)
+        print(f"tp{tp} round {i}: " + ", ".join(f"{n} {r[n]['wall_s']:.2f}s" for n in order))
+    return rounds
 
 
-def largest_tensor(ckpt: Path) -> int:
-    from kimi_trt.config import load_model_config
+def summarise(rounds: list[dict], names: list[str]) -> dict:
+    def med(f) -> float:
+        return statistics.median(f(r) for r in rounds)
 
-    return max(t.nbytes for t in hf_tensors(load_model_config(ckpt)))
+    out: dict = {}
+    for n in names:
+        out[n] = {k: med(lambda r, n=n, k=k: r[n][k]) for k in ("wall_s", "cpu_s")}
+        out[n]["peak_rss_bytes"] = max(r[n]["peak_rss_bytes"] for r in rounds)
+    ratios = {"kimi_over_copy": ("kimi", "copy")}
+    if "deepseek" in names:
+        ratios |= {
+            "deepseek_over_copy": ("deepseek", "copy"),
+            "kimi_over_deepseek": ("kimi", "deepseek"),
+        }
+    for key, (a, b) in ratios.items():
+        out[key] = med(lambda r, a=a, b=b: r[a]["wall_s"] / r[b]["wall_s"])
+    out["loadavg_median"] = med(lambda r: statistics.mean(r[n]["loadavg"] for n in names))
+    out["rounds"] = rounds
+    return out
+
+
+def hash_throughputs(mb: int = 512) -> dict[str, float]:
+    """GB/s of each checksum over `mb` MB in 1 MB updates (best of 3, one thread)."""
+    import xxhash
+
+    data = memoryview(os.urandom(mb << 20))
+    algos = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
+    try:
+        import blake3
+
+        algos["blake3"] = blake3.blake3
+    except ImportError:
+        pass
+    out = {}
+    for name, new in algos.items():
+        best = float("inf")
+        for _ in range(3):
+            t, h = time.perf_counter(), new()
+            for i in range(0, len(data), 1 << 20):
+                h.update(data[i : i + (1 << 20)])
+            best = min(best, time.perf_counter() - t)
+        out[name] = len(data) / best / 1e9
+    return out
+
+
+def startup(repeat: int = 5) -> dict[str, float]:
+    """Median wall s of a fresh interpreter importing the converter, and importing torch."""
+    snippets = {
+        "kimi_convert_imports_s": "import kimi_trt.cli, kimi_trt.convert.converter",
+        "import_torch_s": "import torch",
+        "bare_python_s": "pass",
+    }
+    out = {}
+    for key, code in snippets.items():
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+            times.append(time.perf_counter() - t)
+        out[key] = statistics.median(times)
+    return out
+
+
+def rss_at_2x(one: Path, two: Path, work: Path, tps: list[int], args) -> dict:
+    """Peak RSS of kimi at 1x and ~2x checkpoint size (same tp), --rounds-2x each."""
+    out = {}
+    for tp in tps:
+        peaks = {}
+        for name, src, experts in (("1x", one, args.experts), ("2x", two, args.experts_2x)):
+            cmd = commands(src, work / "out", tp, experts, None)["kimi"]
+            runs = [timed(cmd, src, work / "out") for _ in range(args.rounds_2x)]
+            peaks[name] = max(r["peak_rss_bytes"] for r in runs)
+            peaks[f"wall_s_{name}"] = statistics.median(r["wall_s"] for r in runs)
+        peaks["rss_2x_over_1x"] = peaks["2x"] / peaks["1x"]
+        out[f"tp{tp}"] = peaks
+        print(f"tp{tp} peak RSS: 1x {peaks['1x'] / 1e6:.0f} MB, 2x {peaks['2x'] / 1e6:.0f} MB")
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kimi_bench_convert"))
+    ap.add_argument("--deepseek", type=Path, help="DeepSeek-V3's inference/convert.py")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--experts-2x", type=int, default=88, help="Experts of the ~2x checkpoint.")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--tp", type=int, nargs="+", default=[8, 2])
+    ap.add_argument("--rounds", type=int, default=5, help="Rounds per tp; medians.")
+    ap.add_argument("--rounds-2x", type=int, default=2, help="Runs per size for peak RSS.")
+    ap.add_argument("--keep", action="store_true", help="Keep the work dir afterwards.")
+    args = ap.parse_args()
+    if args.deepseek is not None and not args.deepseek.is_file():
+        ap.error(f"--deepseek {args.deepseek}: no such file")
+    return args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/kimi_bench_convert"))
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--tp", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3, help="Interleaved rounds; medians.")
-    ap.add_argument("--keep", action="store_true", help="Keep the work dir afterwards.")
-    args = ap.parse_args()
+    args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     one = synth(args.work, "ckpt-1x", args.layers, args.experts, args.vocab)
-    two = synth(args.work, "ckpt-2x", args.layers, args.experts * 3, args.vocab)
-
-    rounds = [measure_round(one, two, args.work, args.tp) for _ in range(args.repeat)]
-    for i, r in enumerate(rounds):
-        print(f"round {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items()), flush=True)
-
-    def med(key: str) -> float:
-        return statistics.median(r[key] for r in rounds)
-
-    copy_s, stream_s, conv_s = med("copy_s"), med("stream_s"), med("convert_s")
-    copy2_s, conv2_s = med("copy2_s"), med("convert2_s")
-    ratio, ratio2 = med("convert_over_copy"), med("convert_over_copy_2x")
-    rss1, rss2 = int(max(r["rss1"] for r in rounds)), int(max(r["rss2"] for r in rounds))
-    out_bytes = int(rounds[0]["out_bytes"])
-    big1, big2 = largest_tensor(one), largest_tensor(two)
-    result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_at_end": os.getloadavg(),
-        },
-        "layout": f"tp{args.tp} ep{args.tp}, fp8_block",
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "loadavg_at_start": os.getloadavg(),
         "checkpoint_1x": {
             "preset": "k2-shapes",
             "layers": args.layers,
             "experts": args.experts,
             "vocab": args.vocab,
             "bytes": size_of(one),
-            "largest_tensor_bytes": big1,
         },
-        "checkpoint_2x": {
-            "experts": args.experts * 3,
-            "bytes": size_of(two),
-            "largest_tensor_bytes": big2,
-        },
-        "repeat": args.repeat,
-        "statistic": "median over interleaved rounds (ratios: median of per-round ratios)",
-        "copy_seconds": copy_s,
-        "convert_seconds": conv_s,
-        "convert_over_copy": ratio,
-        "copy_cpu_seconds": med("copy_cpu_s"),
-        "convert_cpu_seconds": med("convert_cpu_s"),
-        "cpu_note": "user+system of the processes; kernel writeback threads not counted",
-        "stream_copy_seconds": stream_s,
-        "convert_over_stream_copy": conv_s / stream_s,
-        "output_bytes_1x": out_bytes,
-        "copy_seconds_2x": copy2_s,
-        "convert_seconds_2x": conv2_s,
-        "convert_over_copy_2x": ratio2,
-        "peak_rss_bytes_1x": rss1,
-        "peak_rss_bytes_2x": rss2,
-        "targets": {
-            "convert_le_1.3x_copy": ratio <= 1.3,
-            "convert_le_1.3x_copy_2x": ratio2 <= 1.3,
-            "rss_1x_le_1.5GB_plus_largest": rss1 <= 1.5e9 + big1,
-            "rss_2x_le_1.5GB_plus_largest": rss2 <= 1.5e9 + big2,
-            "rss_2x_over_1x": rss2 / rss1,
-        },
-        "rounds": rounds,
-        "ru_maxrss_note": "includes torch import and file pages mapped while reading",
+        "formats": "fp8_block (defaults)",
+        "statistic": "median over rounds; ratios: median of per-round ratios; peak RSS: max",
+        "hash_GBps": hash_throughputs(),
+        "startup_s": startup(),
     }
+    print(json.dumps({k: result[k] for k in ("hash_GBps", "startup_s")}))
+    for tp in args.tp:
+        rounds = run_rounds(one, args.work, tp, args.experts, args)
+        result[f"tp{tp}"] = summarise(rounds, [n for n in rounds[0] if n != "order"])
+    two = synth(args.work, "ckpt-2x", args.layers, args.experts_2x, args.vocab)
+    result["checkpoint_2x"] = {"experts": args.experts_2x, "bytes": size_of(two)}
+    result["peak_rss"] = rss_at_2x(one, two, args.work, args.tp, args)
+    result["loadavg_at_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    brief = {k: v for k, v in result.items() if not k.startswith("tp")}
+    for tp in args.tp:
+        brief[f"tp{tp}"] = {k: v for k, v in result[f"tp{tp}"].items() if k != "rounds"}
+    print(json.dumps(brief, indent=2))
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

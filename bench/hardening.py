@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 import kimi_trt.convert.writer as writer_module  # noqa: E402
 import kimi_trt.runtime.weights as weights_module  # noqa: E402
+from kimi_trt.checksum import ALGORITHM, hash_file  # noqa: E402
 from kimi_trt.config import Parallelism, WeightFormats  # noqa: E402
 from kimi_trt.convert.converter import run_conversion  # noqa: E402
-from kimi_trt.convert.manifest import file_digest  # noqa: E402
 from kimi_trt.convert.rank_checkpoint import read_rank_config  # noqa: E402
 from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 from kimi_trt.convert.weight_check import NonFiniteScan  # noqa: E402
@@ -118,12 +118,12 @@ def load_costs(ranks: Path, repeat: int) -> dict:
         shutil.rmtree(ranks / CACHE_DIR, ignore_errors=True)
         both("cold", load)
         both("remembered", load)
-        both("hash", lambda: file_digest(rank_file, "sha256"))
+        both("hash", lambda: hash_file(rank_file, ALGORITHM))
     w, c = medians(wall), medians(cpu)
     size = rank_file.stat().st_size
-    digest = file_digest(rank_file, "sha256")
+    digest = hash_file(rank_file, ALGORITHM)
     remembered = min(
-        cpu_timed(lambda: [verify_file(rank_file, "sha256", digest) for _ in range(100)]) / 100
+        cpu_timed(lambda: [verify_file(rank_file, ALGORITHM, digest) for _ in range(100)]) / 100
         for _ in range(repeat)
     )
     return {

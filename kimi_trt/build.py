@@ -9,7 +9,7 @@ The stages of docs/design.md's data flow, run in order by one function (`run_bui
     compile  backend trtllm: one TensorRT-LLM engine per rank (kimi_trt.trtllm, GPU host
              only; elsewhere exit 3 naming what is missing and the command to finish);
              backend torch: the per-rank checkpoint is linked into the engine dir as is.
-    package  tokenizer files copied, `manifest.json` (sha256 of every file) written.
+    package  tokenizer files copied, `manifest.json` (checksum of every file) written.
 
 Resumability (the state file and stage keys: `kimi_trt.build_context`): a rerun skips a
 stage when its key is unchanged and every recorded output still has its checksum, and

@@ -6,7 +6,7 @@ importing each other.
 
 Resumability: every completed stage records, in `<output_dir>/.kimi-build/state.json`,
 a key (a hash of exactly the inputs that stage depends on, chained through the stages
-before it) and the sha256 of each file it produced. A rerun skips a stage when its key
+before it) and the checksum (`kimi_trt.checksum`) of each file it produced. A rerun skips a stage when its key
 is unchanged and every recorded file still has its checksum; a changed config changes
 the keys of the stages it affects (limits: compile and package; layout or formats:
 convert onwards), and those stages are redone.
@@ -24,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from kimi_trt.checksum import ALGORITHM, hash_file
 from kimi_trt.config import BuildConfig, ModelConfig, load_build_config, load_model_config
 from kimi_trt.engine_dir import MANIFEST
 from kimi_trt.errors import CheckpointError, ConfigError
@@ -64,26 +65,23 @@ def _digest(*parts: Any) -> str:
 
 
 class Checksums:
-    """sha256 of files, each computed at most once per run (hard links share an entry)."""
+    """File checksums (`checksum.ALGORITHM`), each computed at most once per run (hard
+    links share an entry)."""
 
     def __init__(self) -> None:
         self._memo: dict[tuple[int, int, int, int], str] = {}
 
-    def sha256(self, path: Path) -> str:
+    def digest(self, path: Path) -> str:
         st = path.stat()
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in self._memo:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(16 << 20):
-                    h.update(chunk)
-            self._memo[key] = h.hexdigest()
+            self._memo[key] = hash_file(path, ALGORITHM)
         return self._memo[key]
 
     def record(self, root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
-        """{path relative to root: {bytes, sha256}} for a stage's outputs."""
+        """{path relative to root: {bytes, <algorithm>: digest}} for a stage's outputs."""
         return {
-            os.path.relpath(p, root): {"bytes": p.stat().st_size, "sha256": self.sha256(p)}
+            os.path.relpath(p, root): {"bytes": p.stat().st_size, ALGORITHM: self.digest(p)}
             for p in sorted(paths)
         }
 
@@ -93,7 +91,7 @@ class Checksums:
             p = root / rel
             if not p.is_file():
                 return f"{p} is missing"
-            if p.stat().st_size != want["bytes"] or self.sha256(p) != want["sha256"]:
+            if p.stat().st_size != want["bytes"] or self.digest(p) != want.get(ALGORITHM):
                 return f"{p} changed since it was written"
         return None
 

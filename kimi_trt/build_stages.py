@@ -22,6 +22,7 @@ from kimi_trt.build_context import (
     require_clean_output,
     tool_version,
 )
+from kimi_trt.checksum import ALGORITHM
 from kimi_trt.engine_dir import ENGINE_FORMAT
 from kimi_trt.errors import ConfigError, MissingCapability
 
@@ -221,7 +222,7 @@ def _engine_files(ctx: BuildContext) -> list[Path]:
 
 
 def stage_package(ctx: BuildContext) -> StageResult:
-    """Copy the tokenizer files and write manifest.json (sha256 of every engine-dir file)."""
+    """Copy the tokenizer files and write manifest.json (checksum of every engine-dir file)."""
     tdir = ctx.build.resolved_tokenizer_dir
     copied = [
         copy_file(tdir / n, ctx.out / n, link=False)
@@ -236,7 +237,8 @@ def stage_package(ctx: BuildContext) -> StageResult:
     build = ctx.build
     manifest = {
         "kind": ENGINE_FORMAT,
-        "format_version": 1,
+        "format_version": 2,
+        "checksum_algorithm": ALGORITHM,
         "tool": "kimi_trt",
         "tool_version": tool_version(),
         "backend": build.backend,

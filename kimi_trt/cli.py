@@ -260,6 +260,9 @@ def build(
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k cut.")
 @click.option("--seed", type=int, help="Sampling seed (reproducible sampling).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt on stdout.")
+@click.option(
+    "--keep-special-tokens", is_flag=True, help="Print special tokens (left out by default)."
+)
 def run(
     engine_dir: Path,
     prompt: str | None,
@@ -273,6 +276,7 @@ def run(
     top_k: int,
     seed: int | None,
     as_json: bool,
+    keep_special_tokens: bool,
 ) -> None:
     """Generate from an engine dir. Multi-rank: `mpirun -np N kimi-trt run ...`.
 
@@ -289,7 +293,7 @@ def run(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
     src = PromptSource(prompt, chat, prompt_ids, input_file)
-    sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir))
+    sys.exit(run_command(engine_dir, src, params, as_json, tokenizer_dir, keep_special_tokens))
 
 
 @main.command()
@@ -300,7 +304,7 @@ def verify(engine_dir: Path) -> None:
     \b
     Works on every backend (torch executor on CPU/GPU, TensorRT-LLM's PyTorch backend,
     TensorRT-LLM engines); multi-rank dirs under mpirun (rank 0 prints). Checks: every
-    manifest file's sha256, then per prompt the greedy tokens and the logits behind them
+    manifest file's checksum, then per prompt the greedy tokens and the logits behind them
     against transformers' DeepseekV3 on the same weights. Prints a pass/fail table; exit 1
     when a check fails. The references are for the shipped tiny model: build
     build_configs/tiny_*.yaml with the backend and layout to prove, then verify it.
@@ -415,6 +419,12 @@ def triton_worker(engine_dir) -> None:
     type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"], False),
     default="info",
     show_default=True,
+)
+@click.option(
+    "--constrain-tool-calls/--no-constrain-tool-calls",
+    default=True,
+    show_default=True,
+    help="Decode opened tool calls under a grammar (declared names, schema-valid arguments).",
 )
 def serve(engine_dir, host, port, triton_url, triton_model, model_name, **options) -> None:
     """OpenAI-compatible API (+ Anthropic /v1/messages) for an engine dir.

@@ -13,7 +13,8 @@ Layout (written by kimi_trt.build_stages):
                          "llmapi", the checkpoint it runs, world size, limits, hf_config
     tiktoken.model, tokenizer_config.json, ...   copied from tokenizer_dir
     manifest.json        kind kimi_trt.engine_dir: backend, layout, formats, limits and the
-                         sha256 of every file above; written last (absent: incomplete)
+                         checksum of every file above (XXH3-128, named in
+                         checksum_algorithm); written last (absent: incomplete)
     checkpoint/          the converter's per-rank checkpoint (kept for resume/rebuilds)
     checkpoint-ue8m0/    backend llmapi with fp8_ue8m0 weights: the requantised HF checkpoint
     .kimi-build/         the build's stage state and plan

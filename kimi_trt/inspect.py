@@ -76,6 +76,7 @@ def describe_hf(path: Path) -> dict[str, Any]:
 
 def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
     """A per-rank checkpoint: layout, formats, and bytes per rank and tensor class."""
+    from kimi_trt.checksum import manifest_algorithm
     from kimi_trt.convert.manifest import manifest_files
     from kimi_trt.convert.rank_checkpoint import MANIFEST_NAME, read_rank_config
     from kimi_trt.convert.weight_table import rank_tensor_specs
@@ -85,6 +86,7 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
     manifest = _json_object(manifest_path)  # absent: an incomplete conversion, described too
     files = manifest_files(manifest_path, manifest) if manifest else {}
     requant = manifest.get("requant_error")
+    algorithm = manifest_algorithm(manifest)
     m, totals, ranks = cfg.mapping, defaultdict(int), []
     for rank in range(cfg.world_size):
         f = cfg.rank_file(rank)
@@ -102,7 +104,7 @@ def describe_rank_checkpoint(path: Path) -> dict[str, Any]:
                 "file": f.name,
                 "bytes": f.stat().st_size,
                 "tensors": len(header),
-                "sha256": files.get(f.name, {}).get("sha256", "")[:16],
+                "checksum": f"{algorithm}:{files.get(f.name, {}).get(algorithm, '')[:16]}",
                 "bytes_by_class": dict(sorted(by_class.items())),
             }
         )

@@ -188,8 +188,10 @@ def collect_prompts(src: PromptSource, tokenizer) -> list[list[int]]:
     return read_input_file(src.input_file, tokenizer)
 
 
-def result_json(result: GenerationResult, tokenizer) -> dict[str, Any]:
-    text = tokenizer.decode(result.tokens) if tokenizer is not None else None
+def result_json(result: GenerationResult, tokenizer, keep_special: bool = False) -> dict[str, Any]:
+    """The --json line; special tokens are left out of `text` (as peers do) unless kept."""
+    skip = not keep_special
+    text = tokenizer.decode(result.tokens, skip_special=skip) if tokenizer is not None else None
     return {
         "prompt_tokens": result.prompt_tokens,
         "tokens": result.tokens,
@@ -201,8 +203,9 @@ def result_json(result: GenerationResult, tokenizer) -> dict[str, Any]:
 class _Streamer:
     """Prints a single prompt's continuation as it is produced (text, or ids without a tokenizer)."""
 
-    def __init__(self, tokenizer):
-        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+    def __init__(self, tokenizer, keep_special: bool = False):
+        skip = not keep_special
+        self.detok = tokenizer.detokenizer(skip_special=skip) if tokenizer is not None else None
 
     def __call__(self, index: int, token: int) -> None:
         piece = self.detok.feed(token) if self.detok else f"{token} "
@@ -215,22 +218,24 @@ class _Streamer:
         sys.stderr.write(f"[{len(result.tokens)} tokens, finish_reason={result.finish_reason}]\n")
 
 
-def _drive(engine, src: PromptSource, params: SamplingParams, as_json: bool) -> None:
+def _drive(
+    engine, src: PromptSource, params: SamplingParams, as_json: bool, keep_special: bool
+) -> None:
     try:
         prompts = collect_prompts(src, engine.tokenizer)
         engine.validate_prompts(prompts, [params] * len(prompts))
     except UserError as e:  # about the job's input, not a rank: one line, no rank prefix
         raise shared(e) from None
     stream = not as_json and len(prompts) == 1
-    streamer = _Streamer(engine.tokenizer) if stream else None
+    streamer = _Streamer(engine.tokenizer, keep_special) if stream else None
     results = engine.generate(prompts, params, on_token=streamer)
     for i, res in enumerate(results):
         if as_json:
-            print(json.dumps(result_json(res, engine.tokenizer)), flush=True)
+            print(json.dumps(result_json(res, engine.tokenizer, keep_special)), flush=True)
         elif streamer is not None:
             streamer.close(res)
         else:
-            out = result_json(res, engine.tokenizer)
+            out = result_json(res, engine.tokenizer, keep_special)
             body = out["text"] if out["text"] is not None else " ".join(map(str, res.tokens))
             print(f"--- prompt {i} ({res.finish_reason}) ---\n{body}", flush=True)
     failed = [res.error for res in results if res.error is not None]
@@ -244,6 +249,7 @@ def run_command(
     params: SamplingParams,
     as_json: bool,
     tokenizer_dir: Path | None = None,
+    keep_special_tokens: bool = False,
 ) -> int:
     """The body of `kimi-trt run` on every rank; returns the exit code."""
     from kimi_trt.runtime.engine import load_engine
@@ -257,7 +263,7 @@ def run_command(
             return 0
         # On failure rank 0 just exits: the workers' pending broadcast then fails and they
         # stop too. shutdown() is only for the success path (it would wait on a hung peer).
-        _drive(engine, src, params, as_json)
+        _drive(engine, src, params, as_json, keep_special_tokens)
         engine.shutdown()
         return 0
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from kimi_trt.build_context import Checksums
+from kimi_trt.checksum import file_matches, manifest_algorithm
 from kimi_trt.config import ModelConfig, model_config_from_dict
 from kimi_trt.engine_dir import ENGINE_CONFIG, is_llmapi_dir, read_engine_manifest
 from kimi_trt.errors import ConfigError, UserError
@@ -98,19 +98,19 @@ def check_model(engine_dir: Path, meta: dict[str, Any]) -> None:
 
 
 def check_files(engine_dir: Path) -> list[Check]:
-    """Every file the engine manifest records, re-hashed (sha256)."""
+    """Every file the engine manifest records, re-hashed with the manifest's algorithm."""
     manifest = read_engine_manifest(engine_dir)
     if manifest is None:
         return [Check("files", "SKIP", "no engine manifest (not made by kimi-trt build)")]
-    sums, bad = Checksums(), []
+    algorithm, bad = manifest_algorithm(manifest), []
     for rel, want in sorted(manifest.get("files", {}).items()):
         p = engine_dir / rel
         if not p.is_file():
             bad.append(Check(f"file {rel}", "FAIL", "missing"))
-        elif p.stat().st_size != want["bytes"] or sums.sha256(p) != want["sha256"]:
-            bad.append(Check(f"file {rel}", "FAIL", "sha256 differs from manifest.json"))
+        elif not file_matches(p, want, algorithm):
+            bad.append(Check(f"file {rel}", "FAIL", f"{algorithm} differs from manifest.json"))
     n = len(manifest.get("files", {}))
-    return bad or [Check("files", "PASS", f"{n} files match manifest.json (sha256)")]
+    return bad or [Check("files", "PASS", f"{n} files match manifest.json ({algorithm})")]
 
 
 def compare_tokens(got: list[int], case: Case, precision: str) -> Check:

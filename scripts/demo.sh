@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 kimi-trt inspect kimi_trt/assets/tiny-kimi
-# A rerun skips every stage whose outputs still verify (sha256 + config hash).
+# A rerun skips every stage whose outputs still verify (checksums + config hash).
 kimi-trt build --config build_configs/tiny_cpu_ep2.yaml
 kimi-trt inspect out/demo/engine-tiny-ep2
 # One process per rank; as root Open MPI needs these two variables. PASSIVE keeps idle

@@ -3,12 +3,13 @@ rewritten byte by byte, manifests re-sealed, index and config edits."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kimi_trt.checksum import hash_file, manifest_algorithm
 
 LAYER1 = "model-00002-of-00003.safetensors"  # the tiny checkpoint's MoE layer shard
 INDEX = "model.safetensors.index.json"
@@ -100,12 +101,15 @@ def set_config(ckpt: Path, **fields: Any) -> None:
 
 
 def reseal(out: Path, name: str = "rank0.safetensors") -> None:
-    """Record `name`'s current size and sha256 in the manifest (a file that matches its
+    """Record `name`'s current size and checksum in the manifest (a file that matches its
     manifest but is wrong inside, as a buggy writer would leave)."""
-    data = (out / name).read_bytes()
+    path = out / name
 
     def change(m: dict) -> dict:
-        m["files"][name].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        algorithm = manifest_algorithm(m)
+        m["files"][name].update(
+            bytes=path.stat().st_size, **{algorithm: hash_file(path, algorithm)}
+        )
         return m
 
     edit_json(out / "manifest.json", change)

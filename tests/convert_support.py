@@ -27,6 +27,7 @@ from kimi_trt.convert.rank_checkpoint import read_rank_config
 from kimi_trt.convert.weight_table import is_ignored, rank_tensor_specs
 from kimi_trt.errors import ConfigError
 from kimi_trt.mapping import Mapping, layout_problems
+from kimi_trt.torch_bridge import to_numpy, to_torch
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,7 +44,9 @@ def load_source(ckpt: Path) -> dict[str, torch.Tensor]:
             continue
         scale = raw.get(name + "_scale_inv")
         out[name] = (
-            t.float() if scale is None else dequantize_block(t, scale, cfg.weight_block_size)
+            t.float()
+            if scale is None
+            else to_torch(dequantize_block(to_numpy(t), to_numpy(scale), cfg.weight_block_size))
         )
     return out
 
@@ -69,7 +72,8 @@ class Gathered:
                 continue
             if t.rule.kind == "linear":
                 fmt = cfg.formats.for_class(t.cls)
-                out[t.name] = decode_weight(f.get_tensor, t.name, fmt, cfg.weight_block_size)
+                get = lambda n: to_numpy(f.get_tensor(n))  # noqa: E731
+                out[t.name] = to_torch(decode_weight(get, t.name, fmt, cfg.weight_block_size))
             else:
                 out[t.name] = f.get_tensor(t.name).float()
         return out

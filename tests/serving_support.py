@@ -2,8 +2,9 @@
 
 The engine is the synthetic tiny model with its embeddings/lm_head rewritten
 (kimi_trt.testing.scripted_model) so that, after a chat prompt's generation prompt
-(`<|im_middle|>`), greedy decoding writes "Checking." and one Kimi tool call
-get_weather({"city": "Paris"}) and stops with <|im_end|>. Everything else it generates
+(`<|im_middle|>`), greedy decoding writes "Check", a reserved special token, "ing." (so
+returned text is "Checking." only if special tokens are left out of it) and one Kimi tool
+call get_weather({"city": "Paris"}) and stops with <|im_end|>. Everything else it generates
 is the random model's output. The expected tool call is known independently of the
 serving code: it is the script.
 """
@@ -28,6 +29,7 @@ from kimi_trt.testing.scripted_model import script_checkpoint, tool_call_script
 from tests.runtime_support import free_port, mpi_env, mpirun
 
 CONTENT = "Checking."
+SCRIPTED_CONTENT = "Check<|reserved_token_1100|>ing."  # what the model writes
 TOOL_NAME = "get_weather"
 ARGUMENTS = '{"city": "Paris"}'
 TOOLS = [
@@ -54,7 +56,8 @@ def scripted_engine(root: Path, tp: int = 1) -> Path:
     if not (hf / "config.json").is_file():
         write_synthetic_checkpoint(preset_config("tiny"), hf, seed=3, progress=False)
         tokenizer = KimiTokenizer.from_dir(hf)
-        script_checkpoint(hf, tool_call_script(tokenizer, CONTENT, TOOL_NAME, ARGUMENTS))
+        script = tool_call_script(tokenizer, SCRIPTED_CONTENT, TOOL_NAME, ARGUMENTS)
+        script_checkpoint(hf, script)
     out = root / f"engine-scripted-tp{tp}"
     layout = {"tp": 1} if tp == 1 else {"tp": tp, "ep": 1, "moe_tp": tp}
     run_conversion(hf, out, Parallelism(**layout), WeightFormats(), progress=False, warn=print)
@@ -66,7 +69,7 @@ def scripted_engine(root: Path, tp: int = 1) -> Path:
 def script_tokens(engine_dir: Path) -> list[int]:
     """The scripted continuation after `<|im_middle|>` (stop token excluded)."""
     tokenizer = KimiTokenizer.from_dir(engine_dir)
-    return tool_call_script(tokenizer, CONTENT, TOOL_NAME, ARGUMENTS)[1:-1]
+    return tool_call_script(tokenizer, SCRIPTED_CONTENT, TOOL_NAME, ARGUMENTS)[1:-1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from kimi_trt.checksum import manifest_algorithm
 from kimi_trt.cli import main
 from kimi_trt.runtime import sampling
 from tests import bad_inputs_support as bad
@@ -291,11 +292,12 @@ def _files_list(m: dict) -> dict:
 
 
 def _outside(m: dict) -> dict:
-    return {**m, "files": {**m["files"], "../../etc/passwd": {"bytes": 1, "sha256": "0"}}}
+    entry = {"bytes": 1, manifest_algorithm(m): "0"}
+    return {**m, "files": {**m["files"], "../../etc/passwd": entry}}
 
 
 def _no_digest(m: dict) -> dict:
-    m["files"]["rank0.safetensors"].pop("sha256")
+    m["files"]["rank0.safetensors"].pop(manifest_algorithm(m))
     return m
 
 

@@ -6,13 +6,13 @@ checkpoint/output paths pointed at this test's synthetic checkpoint and tmp dir.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 import yaml
 
 from kimi_trt.build import run_build
@@ -49,10 +49,6 @@ def kimi(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def quiet_build(config: Path, stop_after: str | None = None):
     lines: list[str] = []
     return run_build(config, stop_after, log=lines.append), lines
@@ -86,14 +82,15 @@ def test_build_cli_end_to_end(built_ep2):
         *manifest["tokenizer_files"],
     }
     assert set(manifest["files"]) == expected
+    assert manifest["checksum_algorithm"] == "xxh3_128"
     for name, info in manifest["files"].items():
-        assert sha256(eng / name) == info["sha256"], name
+        assert xxhash.xxh3_128((eng / name).read_bytes()).hexdigest() == info["xxh3_128"], name
     # The engine dir's rank files are the converter's, byte for byte (hard links).
     conv = json.loads((eng / "checkpoint" / "manifest.json").read_text())
     for r in (0, 1):
         assert (
-            manifest["files"][f"rank{r}.safetensors"]["sha256"]
-            == conv["files"][f"rank{r}.safetensors"]["sha256"]
+            manifest["files"][f"rank{r}.safetensors"]["xxh3_128"]
+            == conv["files"][f"rank{r}.safetensors"]["xxh3_128"]
         )
 
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kimi_trt.chat.template import (
     DEFAULT_CHAT_TEMPLATE,
+    history_call_count,
     normalize_tool_call_ids,
     render_chat,
 )
@@ -268,11 +269,30 @@ def test_history_ids_are_normalised_and_results_repointed():
     assert (out[2]["tool_call_id"], out[2]["name"]) == ("functions.search:1", "search")
     assert (out[3]["tool_call_id"], out[3]["name"]) == ("functions.get_weather:0", "get_weather")
     assert out[4]["tool_call_id"] == "unknown-id" and "name" not in out[4]
-    assert (out[6]["tool_call_id"], out[6]["name"]) == ("functions.get_weather:0", "get_weather")
+    # one counter over the dialogue: the second turn's call is :2, not :0 again
+    assert [c["id"] for c in out[5]["tool_calls"]] == ["functions.get_weather:2"]
+    assert (out[6]["tool_call_id"], out[6]["name"]) == ("functions.get_weather:2", "get_weather")
+    assert history_call_count(messages) == 3
     assert messages[1]["tool_calls"][0]["id"] == "call_abc"  # the caller's messages are untouched
     text = render_chat(messages)
     assert "call_abc" not in text and "search:7" not in text
     assert "<|im_system|>search<|im_middle|>## Return of functions.search:1\nr2<|im_end|>" in text
+
+
+def test_repeated_client_ids_are_matched_in_order():
+    """Two turns whose clients reused `call_1`: each result goes to its own call."""
+    messages = [
+        USER,
+        {"role": "assistant", "tool_calls": [weather_call("call_1", "Rome")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "r1"},
+        {"role": "assistant", "tool_calls": [weather_call("call_1", "Oslo")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "r2"},
+    ]
+    out = normalize_tool_call_ids(messages)
+    assert [out[2]["tool_call_id"], out[4]["tool_call_id"]] == [
+        "functions.get_weather:0",
+        "functions.get_weather:1",
+    ]
 
 
 def test_rendered_calls_parse_back():

@@ -21,7 +21,6 @@ from kimi_trt.cli import main
 from kimi_trt.config import model_config_from_dict
 from kimi_trt.convert.rank_checkpoint import read_rank_config
 from kimi_trt.convert.safetensors_header import read_safetensors_header
-from kimi_trt.convert.safetensors_io import DTYPE_TO_ST
 from kimi_trt.convert.weight_check import NonFiniteScan
 from kimi_trt.errors import CheckpointError
 from kimi_trt.runtime import integrity
@@ -51,7 +50,7 @@ def test_library_written_headers_validate_with_the_librarys_offsets(tmp_path):
         assert set(f.keys()) == set(header.tensors)
         for name, entry in header.tensors.items():
             want = f.get_tensor(name)
-            assert entry.dtype == DTYPE_TO_ST[want.dtype] and entry.shape == tuple(want.shape)
+            assert entry.dtype == f.get_slice(name).get_dtype() and entry.shape == tuple(want.shape)
             got = raw[header.data_start + entry.start : header.data_start + entry.end]
             assert got == want.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
@@ -62,9 +61,15 @@ def test_kimi_k2_config_is_within_the_bounds():
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+    ("dtype", "st_dtype"),
+    [
+        (torch.float32, "F32"),
+        (torch.bfloat16, "BF16"),
+        (torch.float16, "F16"),
+        (torch.float8_e4m3fn, "F8_E4M3"),
+    ],
 )
-def test_scan_counts_what_torch_counts_across_any_chunking(dtype):
+def test_scan_counts_what_torch_counts_across_any_chunking(dtype, st_dtype):
     g = torch.Generator().manual_seed(1)
     values = torch.randn(4099, generator=g)
     values[torch.randperm(4099, generator=g)[:37]] = float("nan")
@@ -76,10 +81,10 @@ def test_scan_counts_what_torch_counts_across_any_chunking(dtype):
     cuts = sorted(set(np.random.default_rng(2).integers(1, len(data), 40).tolist()))
     scan = NonFiniteScan()
     for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):  # splits inside elements
-        scan("w", DTYPE_TO_ST[dtype], data[a:b])
+        scan("w", st_dtype, data[a:b])
     assert want > 0 and scan.counts["w"] == want
     clean = NonFiniteScan()
-    clean("w", DTYPE_TO_ST[dtype], memoryview(torch.randn(999).to(dtype).view(torch.uint8).numpy()))
+    clean("w", st_dtype, memoryview(torch.randn(999).to(dtype).view(torch.uint8).numpy()))
     assert dict(clean.counts) == {}
 
 
@@ -140,13 +145,13 @@ def test_load_check_is_remembered_until_the_file_changes(tiny_ckpt, tmp_path, mo
     ranks = shutil.copytree(converted(tiny_ckpt, tmp_path, "w1"), tmp_path / "ranks")
     cfg = read_rank_config(ranks)
     hashed: list[str] = []
-    real = integrity.file_digest
+    real = integrity.hash_file
 
     def counting(path, algorithm):
         hashed.append(path.name)
         return real(path, algorithm)
 
-    monkeypatch.setattr(integrity, "file_digest", counting)
+    monkeypatch.setattr(integrity, "hash_file", counting)
 
     def load():
         load_rank_weights(cfg, 0, torch.float32, torch.device("cpu"))

@@ -255,6 +255,8 @@ def test_verify_detects_corruption(tiny_ckpt, tmp_path):
     with open(out / "rank1.safetensors", "r+b") as f:
         f.seek(-10, 2)
         f.write(b"\x01" * 10)
-    assert_user_error(run_convert("--out", str(out), "--verify"), "rank1.safetensors", "sha256")
+    assert_user_error(
+        run_convert("--out", str(out), "--verify"), "rank1.safetensors", "xxh3_128 checksum"
+    )
     assert_user_error(run_convert("--out", str(tmp_path / "nothing"), "--verify"), "manifest.json")
     assert_user_error(run_convert("--out", str(out)), "--checkpoint is required")

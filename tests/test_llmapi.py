@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -149,7 +150,7 @@ def test_ue8m0_requantisation_writes_power_of_two_scales_and_reports_the_error(t
     scales = [n for n in again.tensors if n.endswith("weight_scale_inv")]
     for name in scales[:20]:
         s = again.read(name)
-        assert torch.equal(s, torch.exp2(torch.round(torch.log2(s))))
+        assert np.array_equal(s, np.exp2(np.round(np.log2(s))))
     index = json.loads((tmp_path / "ue8m0" / "model.safetensors.index.json").read_text())
     weight = scales[0].removesuffix("_scale_inv")
     assert index["weight_map"][weight] == index["weight_map"][scales[0]]

@@ -1,8 +1,10 @@
 """StreamingSafetensorsWriter: direct (O_DIRECT, staged) and buffered writes give the same
-file, readable by the official `safetensors` loader, with the sha256 it reports.
+file, readable by the official `safetensors` loader, with the checksum that the `xxhash`
+library computes over the finished file.
 
-Parts are tensors and `FileSlice`s (verbatim byte ranges of another file), sized so that
-tensors straddle staging-buffer boundaries and the file ends on an unaligned tail.
+Parts are arrays and `FileSlice`s (verbatim byte ranges of another file), sized so that
+tensors straddle staging-buffer boundaries, more buffers are filled than the pool holds
+(the writer thread must hand them back) and the file ends on an unaligned tail.
 """
 
 from __future__ import annotations
@@ -10,39 +12,43 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
+import xxhash
+from safetensors.numpy import load_file
 
+from kimi_trt.convert import dtypes
 from kimi_trt.convert.safetensors_io import (
+    STAGE_BUFFERS,
     STAGE_BYTES,
     FileSlice,
     StreamingSafetensorsWriter,
     TensorSpec,
-    sha256_file,
 )
 from kimi_trt.errors import CheckpointError
 
+BIG = STAGE_BUFFERS * STAGE_BYTES // 2 + 4099  # two of them overflow the buffer pool
 
-def _source(tmp: Path) -> tuple[Path, torch.Tensor]:
-    data = torch.randint(0, 256, (3 * STAGE_BYTES + 12345,), dtype=torch.uint8)
+
+def _source(tmp: Path) -> tuple[Path, np.ndarray]:
+    data = np.random.default_rng(0).integers(0, 256, BIG + 12345, dtype=np.uint8)
     path = tmp / "source.bin"
-    path.write_bytes(b"\x07" * 100 + data.numpy().tobytes())
+    path.write_bytes(b"\x07" * 100 + data.tobytes())
     return path, data
 
 
 def _write(out: Path, src: Path, direct: bool) -> str:
-    big = STAGE_BYTES + 4099  # crosses a staging boundary, not a multiple of the alignment
     specs = [
-        TensorSpec("a", torch.float32, (3, 5)),
-        TensorSpec("b", torch.uint8, (2 * big,)),
-        TensorSpec("c", torch.bfloat16, (7,)),
+        TensorSpec("a", dtypes.float32, (3, 5)),
+        TensorSpec("b", dtypes.uint8, (2 * BIG,)),
+        TensorSpec("c", dtypes.bfloat16, (7,)),
     ]
     with StreamingSafetensorsWriter(out, specs, {"k": "v"}, direct=direct) as w:
-        w.write("a", torch.arange(15, dtype=torch.float32).reshape(3, 5))
-        first = FileSlice(src, 100, big, torch.uint8, (big,))
-        w.write_parts("b", [first, torch.full((big,), 9, dtype=torch.uint8)])
-        w.write("c", torch.ones(7, dtype=torch.bfloat16))
+        w.write("a", np.arange(15, dtype=np.float32).reshape(3, 5))
+        first = FileSlice(src, 100, BIG, dtypes.uint8, (BIG,))
+        w.write_parts("b", [first, np.full(BIG, 9, dtype=np.uint8)])
+        w.write("c", np.ones(7, dtype=dtypes.bfloat16))
         return w.close()
 
 
@@ -62,16 +68,29 @@ def test_writer_modes_identical(tmp_path, direct):
     for d in _targets(tmp_path):
         out = d / f"kimi_test_{os.getpid()}_{direct}.safetensors"
         try:
-            sha = _write(out, src, direct)
-            assert sha == sha256_file(out)
+            digest = _write(out, src, direct)
+            assert digest == xxhash.xxh3_128(out.read_bytes()).hexdigest()
             assert out.read_bytes() == reference.read_bytes()
             got = load_file(out)
-            big = STAGE_BYTES + 4099
-            assert torch.equal(got["b"][:big], data[:big])
-            assert torch.equal(got["b"][big:], torch.full((big,), 9, dtype=torch.uint8))
-            assert torch.equal(got["a"], torch.arange(15, dtype=torch.float32).reshape(3, 5))
+            assert np.array_equal(got["b"][:BIG], data[:BIG])
+            assert np.array_equal(got["b"][BIG:], np.full(BIG, 9, dtype=np.uint8))
+            assert np.array_equal(got["a"], np.arange(15, dtype=np.float32).reshape(3, 5))
         finally:
             out.unlink(missing_ok=True)
+
+
+def test_bfloat16_bytes_match_torch_layout(tmp_path):
+    """ml_dtypes' bfloat16 is torch's: the same 2 bytes per value, read back by safetensors."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file as load_torch
+
+    values = np.array([1.0, -2.5, 3.140625, 0.0], dtype=ml_dtypes.bfloat16)
+    out = tmp_path / "bf16.safetensors"
+    with StreamingSafetensorsWriter(out, [TensorSpec("x", dtypes.bfloat16, (4,))]) as w:
+        w.write("x", values)
+    got = load_torch(out)["x"]
+    assert got.dtype == torch.bfloat16
+    assert got.tolist() == [1.0, -2.5, 3.140625, 0.0]
 
 
 def test_truncated_slice_source_is_one_line_error(tmp_path):
@@ -81,3 +100,20 @@ def test_truncated_slice_source_is_one_line_error(tmp_path):
         _write(tmp_path / "x.safetensors", src, direct=True)
     assert not (tmp_path / "x.safetensors").exists()
     assert not (tmp_path / "x.safetensors.tmp").exists()
+
+
+def test_write_error_names_the_tensor_whose_bytes_failed(tmp_path):
+    """A write refused on the writer thread surfaces in the filling thread as an OSError,
+    and `failed_tensor` names the tensor at the failed offset (not the one being filled)."""
+    src, _ = _source(tmp_path)
+    out = tmp_path / "full.safetensors"
+    specs = [TensorSpec("a", dtypes.uint8, (BIG,)), TensorSpec("b", dtypes.uint8, (4 * BIG,))]
+    w = StreamingSafetensorsWriter(out, specs, direct=True)
+    os.close(w._out.fd)  # every later write fails with EBADF
+    w._out.fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(OSError), w:
+        w.write_parts("a", [FileSlice(src, 100, BIG, dtypes.uint8, (BIG,))])
+        w.write_parts("b", [np.zeros(4 * BIG, dtype=np.uint8)])
+        w.close()
+    assert w.failed_tensor == "a"
+    assert not out.exists() and not w.tmp.exists()

@@ -93,8 +93,13 @@ def test_extreme_sampling_values_behave_as_greedy(client, sampling):
 def test_extreme_values_through_anthropic(server):
     client = anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
     extreme = {"temperature": 1e-40, "top_p": 1e-300}
-    m = client.messages.create(model=MODEL, max_tokens=32, messages=MESSAGES, extra_body=extreme)
-    assert m.content[0].text == CONTENT
+    # the scripted call is declared: undeclared calls are never made (constrained decoding)
+    function = TOOLS[0]["function"]
+    tools = [{"name": function["name"], "input_schema": function["parameters"]}]
+    m = client.messages.create(
+        model=MODEL, max_tokens=32, messages=MESSAGES, tools=tools, extra_body=extreme
+    )
+    assert m.content[0].text == CONTENT and m.content[1].name == function["name"]
 
 
 @pytest.mark.parametrize(

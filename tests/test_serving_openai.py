@@ -38,9 +38,13 @@ def engine_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(engine_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "serve.log"
-    with api_server(engine_dir, log, "--default-max-tokens", "64") as base:
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir, server_log):
+    with api_server(engine_dir, server_log, "--default-max-tokens", "64") as base:
         yield base
 
 
@@ -129,9 +133,9 @@ def test_tool_result_round_trip(client):
 
 
 def test_tool_choice_none_and_stop_and_length(client):
-    r = _chat(client, tools=TOOLS, tool_choice="none")
+    r = _chat(client, tools=TOOLS, tool_choice="none", max_tokens=10)
     assert r.choices[0].message.tool_calls is None
-    assert r.choices[0].message.content == CONTENT and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content.startswith(CONTENT)
     r = _chat(client, tools=TOOLS, stop=["ing"])
     assert r.choices[0].message.content == "Check" and r.choices[0].finish_reason == "stop"
     r = _chat(client, tools=TOOLS, max_tokens=2)
@@ -141,8 +145,19 @@ def test_tool_choice_none_and_stop_and_length(client):
 def test_completions_raw_text(client, tokenizer, script):
     prompt = tokenizer.apply_chat_template(MESSAGES, tools=TOOLS)
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, temperature=0)
-    assert r.choices[0].text == tokenizer.decode(script)  # raw: markers included
+    # raw: the tool markers stay (the checkpoint marks them non-special, as peers keep
+    # them), the reserved special token the model wrote does not
+    assert r.choices[0].text == tokenizer.decode(script, skip_special=True)
+    assert r.choices[0].text.startswith(CONTENT + "<|tool_calls_section_begin|>")
     assert r.choices[0].finish_reason == "stop"
+    kept = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=64,
+        temperature=0,
+        extra_body={"skip_special_tokens": False},
+    )
+    assert kept.choices[0].text == tokenizer.decode(script) != r.choices[0].text
     text = client.completions.create(
         model=MODEL, prompt=tokenizer.decode(prompt), max_tokens=64, temperature=0
     )
@@ -334,3 +349,137 @@ def test_anthropic_tool_input_keeps_arguments_json_cannot_read(text):
     (malformed, an over-long integer, nesting past its recursion limit): the raw text, not
     a 500 from the server."""
     assert _arguments(text) == {"_raw_arguments": text}
+
+
+TOOL = TOOLS[0]
+DEEP = "[" * 10_000 + "]" * 10_000
+
+
+def _raw(body: dict, **replace: str) -> bytes:
+    """`body` as JSON with "@key@" placeholders (or new keys) set to raw JSON text (what
+    json.dumps cannot write: lone surrogates, NaN, huge integers, deep nesting)."""
+    extra = {k: f"@{k}@" for k in replace if f"@{k}@" not in json.dumps(body)}
+    text = json.dumps({**body, **extra})
+    for key, raw in replace.items():
+        text = text.replace(f'"@{key}@"', raw)
+    return text.encode()
+
+
+def _tool(**function) -> dict:
+    return {"type": "function", "function": {**TOOL["function"], **function}}
+
+
+def _user(content) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+CHAT = {"model": MODEL, "messages": MESSAGES}
+# (body, raw replacements, status, param): issue 21 items 2 and 3, OpenAI side
+OPENAI_BAD = [
+    ({**CHAT, "messages": _user(42)}, {}, 400, "messages"),
+    ({**CHAT, "messages": _user([1, None, "x"])}, {}, 400, "messages"),
+    ({**CHAT, "messages": _user({"a": 1})}, {}, 400, "messages"),
+    ({**CHAT, "messages": _user(None)}, {}, 400, "messages"),
+    ({**CHAT, "messages": [{"role": "user"}]}, {}, 400, "messages"),
+    (
+        {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        {},
+        400,
+        "messages",
+    ),
+    (CHAT, {"max_tokens": "7" * 5000}, 400, "max_tokens"),
+    ({**CHAT, "max_tokens": "5"}, {}, 400, "max_tokens"),
+    ({**CHAT, "max_tokens": True}, {}, 400, "max_tokens"),
+    ({**CHAT, "stream": "yes"}, {}, 400, "stream"),
+    (CHAT, {"extra": DEEP}, 400, None),
+    ({**CHAT, "tools": [_tool(name=None)]}, {}, 400, "tools"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"parameters": {}}}]}, {}, 400, "tools"),
+    ({**CHAT, "tools": [_tool(parameters="object")]}, {}, 400, "tools"),
+    ({**CHAT, "tools": [_tool(parameters={"type": "array"})]}, {}, 400, "tools"),
+    ({**CHAT, "tools": [_tool(name="get weather!")]}, {}, 400, "tools"),
+    ({**CHAT, "tools": [TOOL, TOOL]}, {}, 400, "tools"),
+    (
+        {**CHAT, "tools": [_tool(parameters="@p@")]},
+        {"p": '{"type": "object", "properties": {"a": ' + "[" * 100 + "]" * 100 + "}}"},
+        400,
+        "tools",
+    ),
+    ({**CHAT, "messages": MESSAGES + [{"role": "tool", "content": "x"}]}, {}, 400, "messages"),
+    ({**CHAT, "model": "@m@"}, {"m": '"\\ud800x"'}, 400, "model"),
+    ({**CHAT, "temperature": "@t@"}, {"t": "NaN"}, 400, "temperature"),
+    ({**CHAT, "logit_bias": {"5": 10}}, {}, 400, "logit_bias"),
+    ({**CHAT, "functions": [TOOL["function"]]}, {}, 400, "functions"),
+    (
+        {**CHAT, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {},
+        400,
+        "tool_choice",
+    ),
+    ({**CHAT, "response_format": {"type": "xml"}}, {}, 400, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema"}}, {}, 400, "response_format"),
+]
+
+
+@pytest.mark.parametrize(("body", "raw", "status", "param"), OPENAI_BAD)
+def test_bad_requests_are_named_4xx(server, body, raw, status, param):
+    for stream in (False, True):
+        data = _raw({**body, "stream": stream} if "stream" not in body else body, **raw)
+        r = httpx.post(
+            server + "/v1/chat/completions",
+            content=data,
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and err["type"], err
+
+
+ANTHROPIC = {"model": MODEL, "max_tokens": 8, "messages": MESSAGES}
+ANTHROPIC_BAD = [
+    ({**ANTHROPIC, "messages": _user(42)}, {}, "messages"),
+    ({**ANTHROPIC, "messages": _user([{"type": "image", "source": {}}])}, {}, "messages"),
+    (
+        {
+            **ANTHROPIC,
+            "messages": _user([{"type": "tool_result", "tool_use_id": "toolu_x", "content": "r"}]),
+        },
+        {},
+        "tool_use_id",
+    ),
+    ({**ANTHROPIC, "max_tokens": "5"}, {}, "max_tokens"),
+    ({**ANTHROPIC, "stream": "yes"}, {}, "stream"),
+    ({**ANTHROPIC, "model": "@m@"}, {"m": '"\\udc00"'}, "model"),
+    ({**ANTHROPIC, "thinking": {"type": "enabled", "budget_tokens": 5}}, {}, "thinking"),
+    ({**ANTHROPIC, "tools": [{"name": "x", "input_schema": {"type": "string"}}]}, {}, "tools"),
+    ({**ANTHROPIC, "tool_choice": {"type": "any"}}, {}, "tool_choice"),
+    (ANTHROPIC, {"extra": DEEP}, "nested"),
+]
+
+
+@pytest.mark.parametrize(("body", "raw", "needle"), ANTHROPIC_BAD)
+def test_anthropic_bad_requests_are_named_400s(server, body, raw, needle):
+    r = httpx.post(
+        server + "/v1/messages",
+        content=_raw(body, **raw),
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+    assert needle in err["error"]["message"], err
+
+
+def test_refused_requests_are_logged_in_one_line_and_the_server_still_answers(
+    server, server_log, client
+):
+    body = _raw({**CHAT, "max_tokens": "@n@"}, n="9" * 5000)
+    httpx.post(
+        server + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert _chat(client, tools=TOOLS).choices[0].finish_reason == "tool_calls"
+    log = server_log.read_text()
+    assert "Traceback" not in log
+    lines = [
+        line for line in log.splitlines() if "chat 400: max_tokens: an integer of 5000" in line
+    ]
+    assert len(lines) >= 1

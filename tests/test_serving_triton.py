@@ -25,6 +25,7 @@ from kimi_trt.chat.tokenizer import KimiTokenizer
 from kimi_trt.serving.triton_repo import write_triton_repo
 from kimi_trt.serving.triton_server import ServerPorts, TritonServer, leader_mode_command
 from tests.conftest import cli_env
+from tests.constraint_checks import TIME_SCHEMA, TIME_TOOL, check_anthropic, check_openai
 from tests.serving_support import (
     ARGUMENTS,
     CONTENT,
@@ -274,7 +275,8 @@ def test_grpc_streaming_follows_the_script(triton, engine_dir):
     tokens = [int(t) for r in responses for t in r.as_numpy("output_ids")]
     assert tokens == script_tokens(engine_dir) and reason == "stop"
     text = "".join(r.as_numpy("text_output")[0].decode() for r in responses)
-    assert text == KimiTokenizer.from_dir(engine_dir).decode(tokens)
+    assert text == KimiTokenizer.from_dir(engine_dir).decode(tokens, skip_special=True)
+    assert text.startswith(CONTENT)  # the reserved token the model wrote is not text
     assert len(responses) == len(tokens) + 1  # one per token, then the final one
 
 
@@ -292,7 +294,9 @@ def test_http_sync_model_equals_stream(triton, engine_dir):
     assert result.as_numpy("output_ids").tolist() == streamed and len(streamed) == 12
     assert result.as_numpy("finish_reason")[0].decode() == reason == "length"
     tokenizer = KimiTokenizer.from_dir(engine_dir)
-    assert result.as_numpy("text_output")[0].decode() == tokenizer.decode(streamed)
+    assert result.as_numpy("text_output")[0].decode() == tokenizer.decode(
+        streamed, skip_special=True
+    )
 
 
 def test_bad_request_is_a_triton_error(triton):
@@ -431,6 +435,37 @@ def test_openai_api_over_triton(triton, engine_dir, tmp_path):
         assert events[-1] == "[DONE]"
 
 
+def test_kimi_model_builds_the_constraint_from_output_spec(triton, engine_dir):
+    """`output_spec` on the kimi model itself: the scripted call to get_weather becomes the
+    one declared tool, get_time, with the counter's id and schema-valid arguments."""
+    from jsonschema import Draft202012Validator
+
+    from kimi_trt.chat.constraint import OutputSpec, tool_specs
+    from kimi_trt.chat.tool_parser import parse_tool_call_ids
+
+    spec = OutputSpec(tools=tool_specs([TIME_TOOL]), first_call_index=7)
+    values = scripted_chat_inputs(engine_dir)
+    values["output_spec"] = np.asarray([spec.to_json().encode()], dtype=np.object_)
+    responses, reason = grpc_generate(triton.grpc_url, values)
+    tokens = [int(t) for r in responses for t in r.as_numpy("output_ids")]
+    parsed = parse_tool_call_ids(tokens, KimiTokenizer.from_dir(engine_dir), ["get_time"])
+    (call,) = parsed.tool_calls
+    assert call["id"] == "functions.get_time:7" and reason == "stop"
+    Draft202012Validator(TIME_SCHEMA).validate(json.loads(call["function"]["arguments"]))
+    values["output_spec"] = np.asarray([b'{"tools": 3}'], dtype=np.object_)
+    client = httpclient.InferenceServerClient(triton.http_url)
+    with pytest.raises(Exception, match="OutputSpec"):
+        client.infer("kimi_sync", _inputs(httpclient, values))
+    client.close()
+
+
+def test_constrained_tool_calls_over_triton(triton, engine_dir, tmp_path):
+    """The in-process checks (constraint_checks.py), with `kimi-trt serve --triton`."""
+    with api_server(engine_dir, tmp_path / "serve.log", "--triton", triton.grpc_url) as base:
+        check_openai(base)
+        check_anthropic(base)
+
+
 @pytest.mark.parametrize("kind", ["trtllm", "torch"])
 def test_api_backend_inputs_match_the_repository(tmp_path, kind, request):
     """What `kimi-trt serve --triton` sends fits the generated model's inputs (name, type,
@@ -448,7 +483,12 @@ def test_api_backend_inputs_match_the_repository(tmp_path, kind, request):
     backend = TritonBackend("127.0.0.1:1", summary, KimiTokenizer.from_dir(engine))
     config = load_repo(tmp_path / "repo")[backend.model]
     declared = {i.name: i for i in config.input}
-    sent = backend._inputs([5, 6, 7], SamplingParams(max_new_tokens=4, seed=3))
+    from kimi_trt.chat.constraint import OutputSpec
+
+    sent = backend._inputs([5, 6, 7], SamplingParams(max_new_tokens=4, seed=3), OutputSpec())
+    if kind == "trtllm":  # the tensorrt_llm model takes no output_spec: serve never sends one
+        assert not backend.supports_constraints
+        sent = [t for t in sent if t.name() != "output_spec"]
     required = {n for n, i in declared.items() if not i.optional}
     assert required <= {t.name() for t in sent}
     for tensor in sent:

@@ -91,32 +91,49 @@ CASES = [
         False,
     ),
     (
-        "id without functions. prefix",
+        "id without functions. prefix is repaired (with a warning)",
         section(call("search:2", '{"q": "x"}')),
         "",
         [("functions.search:2", "search", '{"q": "x"}')],
-        False,
+        True,
     ),
     (
-        "id without index",
+        "id without index is not a call",
         section(call("functions.search", '{"q": "x"}')),
-        "",
-        [("functions.search:0", "search", '{"q": "x"}')],
-        False,
+        'functions.search{"q": "x"}',
+        [],
+        True,
     ),
     (
-        "bare function name, second call",
+        "bare function name, second call, is not a call",
         section(call("functions.a:0", "{}"), call("search", "{}")),
-        "",
-        [("functions.a:0", "a", "{}"), ("functions.search:1", "search", "{}")],
-        False,
+        "search{}",
+        [("functions.a:0", "a", "{}")],
+        True,
     ),
     (
-        "name is the text after the last dot",
+        "a namespace stays part of the name and the id",
         section(call("functions.tools.search:1", "{}")),
         "",
-        [("functions.search:1", "search", "{}")],
+        [("functions.tools.search:1", "tools.search", "{}")],
         False,
+    ),
+    (
+        "two namespaces with the same last part stay distinct",
+        section(call("functions.web.search:0", "{}"), call("functions.docs.search:1", "{}")),
+        "",
+        [
+            ("functions.web.search:0", "web.search", "{}"),
+            ("functions.docs.search:1", "docs.search", "{}"),
+        ],
+        False,
+    ),
+    (
+        "functions.invalid.0 is not a function named 0",
+        section(call("functions.invalid.0", "{}")),
+        "functions.invalid.0{}",
+        [],
+        True,
     ),
     (
         "hyphen in the name, large index",
@@ -371,7 +388,7 @@ def test_streaming_every_split_point_equals_whole(case):
 def test_token_stream_equals_text(case, tok):
     ids = tok.encode(case[1], allow_special=True)
     whole = parse_tool_calls(case[1])
-    parser = StreamingToolCallParser(tok)
+    parser = StreamingToolCallParser(tok, skip_special=False)
     events = [e for i in ids for e in parser.feed_ids(i)] + parser.finish()
     check_events(events)
     streamed = collect(events)
@@ -414,6 +431,33 @@ def test_token_mode_keeps_literal_marker_text_inside_arguments(tok):
     assert result.content == "Running it."
     assert result.tool_calls[0]["function"]["arguments"] == LITERAL_MARKER_ARGS
     assert not result.warnings
+
+
+def test_token_mode_leaves_special_tokens_out_of_content(tok):
+    """Reserved ids and turn markers the model writes are not text (skip_special=False keeps them)."""
+    ids = tok.encode("Hi<|im_user|> there<|reserved_token_1100|>!", allow_special=True)
+    assert tok.special_ids["<|im_user|>"] in ids
+    assert parse_tool_call_ids(ids, tok).content == "Hi there!"
+    parser = StreamingToolCallParser(tok, skip_special=False)
+    parser.feed_ids(ids)
+    parser.finish()
+    assert parser.result().content == "Hi<|im_user|> there<|reserved_token_1100|>!"
+
+
+def test_declared_names_decide_what_is_a_call(tok):
+    text = section(call("functions.web.search:0", '{"q": "a"}'), call("functions.rm:1", "{}"))
+    result = parse_tool_calls(text, tool_names=["web.search", "docs.search"])
+    assert [c["id"] for c in result.tool_calls] == ["functions.web.search:0"]
+    assert result.content == "functions.rm:1{}"
+    assert any("not a declared function" in w for w in result.warnings)
+    assert parse_tool_call_ids(tok.encode(text), tok, []).tool_calls == []
+
+
+def test_call_end_reports_repairs():
+    parser = StreamingToolCallParser()
+    events = parser.feed(section(call("search:3", "{}"), call("functions.f:4", "{}")))
+    ends = [e for e in events + parser.finish() if isinstance(e, ToolCallEnd)]
+    assert ends == [ToolCallEnd(0, True, True), ToolCallEnd(1, True, False)]
 
 
 def test_feed_after_finish_is_an_error():

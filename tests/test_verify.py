@@ -80,6 +80,6 @@ def test_verify_fails_on_an_altered_rank_file(tiny_dirs, tmp_path):
     r = verify(engine, 2)
     assert r.returncode != 0, r.stdout
     rows = {line[:24].strip(): line[25:] for line in r.stdout.splitlines()}
-    assert rows["file rank1.safetensors"].startswith("FAIL  sha256 differs from manifest.json")
+    assert rows["file rank1.safetensors"].startswith("FAIL  xxh3_128 differs from manifest.json")
     assert "error: verify failed: file rank1.safetensors" in r.stderr
     assert r.stdout.count(" FAIL ") >= 2  # the file, and the logits it now computes

@@ -9,7 +9,8 @@ and accepts `separators`/`indent`/`sort_keys`, `raise_exception`, `strftime_now`
 `{% generation %}` block. Messages are plain data first, with None-valued keys dropped.
 
 Before rendering, history tool-call ids are normalised to Kimi's `functions.{name}:{idx}`
-(idx = position in its assistant turn) and tool results are re-pointed at the new ids;
+(idx = one counter over the whole dialogue, as Kimi-K2 was trained: ids that restart per
+turn stopped K2 from calling tools in other engines) and tool results are re-pointed;
 a tool result without `name` gets its call's function name (the template prints it as
 the turn's role label). The model only ever produced such ids, so clients' own ids
 (`call_abc123`) would otherwise show it a format it never saw.
@@ -127,13 +128,16 @@ def _as_messages(messages: Sequence[Any]) -> list[dict]:
 
 
 def normalize_tool_call_ids(messages: list[dict]) -> list[dict]:
-    """Rewrite assistant tool-call ids to `functions.{name}:{idx}` and re-point tool results.
+    """Rewrite assistant tool-call ids to `functions.{name}:{N}` and re-point tool results.
 
-    A tool result whose `tool_call_id` is unknown keeps it; one without an id takes the
-    next unanswered call of the preceding assistant turn. Works on (and returns) copies.
+    N counts the calls of the whole dialogue from 0. A client id used twice is matched to
+    its calls in order. A tool result whose `tool_call_id` is unknown keeps it; one without
+    an id takes the next unanswered call of the preceding assistant turn. Works on (and
+    returns) copies.
     """
-    id_map: dict[str, tuple[str, str]] = {}
+    id_map: dict[str, list[tuple[str, str]]] = {}
     unanswered: list[tuple[str, str]] = []
+    counter = 0
     out = []
     for i, message in enumerate(messages):
         message = dict(message)
@@ -141,24 +145,39 @@ def normalize_tool_call_ids(messages: list[dict]) -> list[dict]:
             calls, unanswered = [], []
             for idx, call in enumerate(message["tool_calls"]):
                 name = _call_name(call, f"messages[{i}].tool_calls[{idx}]")
-                new_id = f"functions.{name}:{idx}"
+                new_id = f"functions.{name}:{counter}"
+                counter += 1
                 if isinstance(call.get("id"), str):
-                    id_map[call["id"]] = (new_id, name)
+                    id_map.setdefault(call["id"], []).append((new_id, name))
                 calls.append({**call, "id": new_id})
                 unanswered.append((new_id, name))
             message["tool_calls"] = calls
         elif message["role"] == "tool":
-            old = message.get("tool_call_id")
-            target = id_map.get(old) if isinstance(old, str) else None
-            if target is None and old is None and unanswered:
-                target = unanswered[0]
-            if target is not None:
-                message["tool_call_id"] = target[0]
-                message.setdefault("name", target[1])
-                if target in unanswered:
-                    unanswered.remove(target)
+            _point_result(message, id_map, unanswered)
         out.append(message)
     return out
+
+
+def _point_result(message: dict, id_map: dict, unanswered: list[tuple[str, str]]) -> None:
+    old = message.get("tool_call_id")
+    targets = id_map.get(old, []) if isinstance(old, str) else []
+    target = next((t for t in targets if t in unanswered), targets[0] if targets else None)
+    if target is None and old is None and unanswered:
+        target = unanswered[0]
+    if target is not None:
+        message["tool_call_id"] = target[0]
+        message.setdefault("name", target[1])
+        if target in unanswered:
+            unanswered.remove(target)
+
+
+def history_call_count(messages: Sequence[Any]) -> int:
+    """Tool calls in the dialogue so far: the counter of the next call the model writes."""
+    return sum(
+        len(m.get("tool_calls") or [])
+        for m in map(plain_data, messages)
+        if isinstance(m, dict) and m.get("role") == "assistant"
+    )
 
 
 def _call_name(call: Any, where: str) -> str:

@@ -192,6 +192,11 @@ class KimiTokenizer:
         return cls.from_dir(SMALL_VOCAB_DIR)
 
     @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding (base ranks + special tokens), e.g. for a grammar engine."""
+        return self._enc
+
+    @property
     def vocab_size(self) -> int:
         return self.base_vocab_size + NUM_RESERVED_SPECIAL_TOKENS
 

@@ -11,20 +11,25 @@ KimiTokenizer) of any size and returns events; `finish()` ends the stream. Event
 - `ContentDelta(text)`: ordinary assistant text. Never holds marker text: a chunk ending
   in what may be the start of a marker (`<|tool_ca`) is held back until it is decided.
 - `ToolCallStart(index, id, name)`: a call's header is complete. `index` counts calls in
-  this output from 0 (OpenAI's streaming `index`); `id` is `functions.{name}:{idx}` with
-  the model's idx, or `index` when the model wrote none (`search`, `search:2`,
-  `functions.search:2` are all accepted); `name` is the text after the last `.`.
+  this output from 0 (OpenAI's streaming `index`); the header must be `[functions.]name:N`
+  (Kimi writes `functions.{name}:{N}`, N a dialogue-wide counter): `id` is
+  `functions.{name}:{N}` as the model wrote it, and `name` everything between the prefix
+  and `:N`, so namespaces stay (`functions.web.search:0` is `web.search`). Given the
+  declared tool names, a header naming another function is not a call.
 - `ToolCallArgumentsDelta(index, text)`: the next piece of the call's arguments string.
   Joined, the pieces are the raw text between the markers with outer whitespace removed
   (`{}` when empty). Braces, `<|` or unicode inside it are just text.
-- `ToolCallEnd(index, complete)`: the call is over; complete=False when the stream ended
-  before `<|tool_call_end|>` (the partial arguments stay, as OpenAI returns them for a
-  length stop).
+- `ToolCallEnd(index, complete, repaired)`: the call is over; complete=False when the
+  stream ended before `<|tool_call_end|>` (the partial arguments stay, as OpenAI returns
+  them for a length stop); repaired=True when the parser had to mend its form (no
+  `functions.` prefix, a missing `<|tool_call_begin|>` or `<|tool_call_end|>`).
 
-Bad output never raises: a header that is not a function id, a header cut off by the end
-of the stream or by another marker, or text between calls becomes content, and stray
-markers are dropped; each case adds a line to `parser.warnings` (and logs it). Arguments
-that are not valid JSON stay as the model wrote them, with a warning.
+Bad output never raises: a header that is not `[functions.]name:N` of a declared tool, a
+header cut off by the end of the stream or by another marker, or text between calls
+becomes content, and stray markers are dropped; each case adds a line to
+`parser.warnings` (and logs it). Arguments that are not valid JSON stay as the model wrote
+them, with a warning. In token mode special tokens other than the markers (reserved ids,
+turn markers) are left out of content unless skip_special=False.
 
 OpenAI streaming mapping: ToolCallStart -> `delta.tool_calls=[{"index", "id", "type":
 "function", "function": {"name", "arguments": ""}}]`; ToolCallArgumentsDelta ->
@@ -61,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HEADER = re.compile(r"(?:[^\s:<>{}\"']*\.)?(?P<name>[^\s.:<>{}\"']+)(?::(?P<idx>\d+))?")
+_HEADER = re.compile(r"(?P<prefix>functions\.)?(?P<name>[^\s:<>{}\"']+):(?P<idx>\d+)")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class ToolCallArgumentsDelta:
 class ToolCallEnd:
     index: int
     complete: bool = True
+    repaired: bool = False
 
 
 ToolCallEvent = ContentDelta | ToolCallStart | ToolCallArgumentsDelta | ToolCallEnd
@@ -147,8 +153,17 @@ def _held_suffix(text: str) -> int:
 class StreamingToolCallParser:
     """Incremental Kimi tool-call parser; see the module docstring for the event types."""
 
-    def __init__(self, tokenizer: KimiTokenizer | None = None):
+    def __init__(
+        self,
+        tokenizer: KimiTokenizer | None = None,
+        tool_names: Iterable[str] | None = None,
+        skip_special: bool = True,
+    ):
         self._tokenizer = tokenizer
+        self._tool_names = None if tool_names is None else frozenset(tool_names)
+        self._skip_special = skip_special
+        self._repaired = False  # the open call needed mending
+        self.rejected_headers = 0  # call headers that were not a declared function
         self._scanner = _MarkerScanner()
         self._detok: IncrementalDetokenizer | None = None
         self._state = "content"  # content | section | header | args | skip | done
@@ -179,7 +194,9 @@ class StreamingToolCallParser:
                 self._flush_detok()
                 self._on_marker(markers[token_id])
             else:
-                self._detok = self._detok or self._tokenizer.detokenizer()
+                self._detok = self._detok or self._tokenizer.detokenizer(
+                    skip_special=self._skip_special
+                )
                 self._on_text(self._detok.feed(token_id))
         return self._drain()
 
@@ -234,7 +251,7 @@ class StreamingToolCallParser:
             self._state, self._buffer = "section", ""
         elif marker == CALL_BEGIN:
             self._warn(f"{CALL_BEGIN} outside a tool-calls section: treated as one")
-            self._state, self._buffer = "header", ""
+            self._state, self._buffer, self._repaired = "header", "", True
         else:
             self._warn(f"stray {marker} in content dropped")
 
@@ -244,7 +261,7 @@ class StreamingToolCallParser:
             self._state = "header"
         elif marker == ARGUMENT_BEGIN and self._buffer.strip():
             self._warn(f"{CALL_BEGIN} missing before a tool-call header")
-            self._state = "header"
+            self._state, self._repaired = "header", True
             self._start_call()
         elif marker == SECTION_END:
             self._flush_section_text()
@@ -270,6 +287,7 @@ class StreamingToolCallParser:
             self._state = "section"
         elif marker in (CALL_BEGIN, SECTION_END):
             self._warn(f"tool call {self._calls - 1}: {CALL_END} missing before {marker}")
+            self._repaired = True
             self._end_call(complete=True)
             self._state = "header" if marker == CALL_BEGIN else "content"
         else:
@@ -289,14 +307,23 @@ class StreamingToolCallParser:
     def _start_call(self) -> None:
         header = self._buffer.strip()
         match = _HEADER.fullmatch(header)
+        name = match["name"] if match is not None else None
+        if match is not None and self._tool_names is not None and name not in self._tool_names:
+            if header in self._tool_names:  # a declared name that itself starts "functions."
+                name = header
+            else:
+                match = None
         if match is None:
-            self._degrade_header(f"tool-call header {header[:80]!r} is not a function id")
+            self.rejected_headers += 1
+            self._degrade_header(f"tool-call header {header[:80]!r} is not a declared function")
             self._state = "skip"  # its arguments are content too
             return
+        if match["prefix"] is None:
+            self._warn(f"tool-call header {header[:80]!r} has no functions. prefix")
+            self._repaired = True
         index = self._calls
-        idx = match["idx"] if match["idx"] is not None else str(index)
         self._calls += 1
-        self._emit(ToolCallStart(index, f"functions.{match['name']}:{idx}", match["name"]))
+        self._emit(ToolCallStart(index, f"functions.{name}:{match['idx']}", name))
         self._state, self._buffer, self._args, self._held_ws = "args", "", "", ""
 
     def _args_text(self, text: str) -> None:
@@ -320,11 +347,12 @@ class StreamingToolCallParser:
             except (ValueError, RecursionError) as e:  # also: too many digits, too deep
                 reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
                 self._warn(f"tool call {index}: arguments are not valid JSON ({reason})")
-        self._emit(ToolCallEnd(index, complete))
-        self._buffer, self._args, self._held_ws = "", "", ""
+        self._emit(ToolCallEnd(index, complete, self._repaired))
+        self._buffer, self._args, self._held_ws, self._repaired = "", "", "", False
 
     def _degrade_header(self, reason: str) -> None:
         self._warn(f"{reason}: kept as content")
+        self._repaired = False
         if self._buffer.strip():
             self._emit(ContentDelta(self._buffer))
         self._buffer = ""
@@ -394,17 +422,19 @@ def collect(events: Iterable[ToolCallEvent], warnings: Sequence[str] = ()) -> Pa
     return ParsedOutput("".join(content), [calls[i] for i in sorted(calls)], list(warnings))
 
 
-def parse_tool_calls(text: str) -> ParsedOutput:
+def parse_tool_calls(text: str, tool_names: Iterable[str] | None = None) -> ParsedOutput:
     """Parse a complete model output (text with marker text)."""
-    parser = StreamingToolCallParser()
+    parser = StreamingToolCallParser(tool_names=tool_names)
     parser.feed(text)
     parser.finish()
     return parser.result()
 
 
-def parse_tool_call_ids(ids: Sequence[int], tokenizer: KimiTokenizer) -> ParsedOutput:
+def parse_tool_call_ids(
+    ids: Sequence[int], tokenizer: KimiTokenizer, tool_names: Iterable[str] | None = None
+) -> ParsedOutput:
     """Parse a complete model output given as token ids (markers recognised by id)."""
-    parser = StreamingToolCallParser(tokenizer)
+    parser = StreamingToolCallParser(tokenizer, tool_names)
     parser.feed_ids(ids)
     parser.finish()
     return parser.result()

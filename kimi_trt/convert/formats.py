@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from kimi_trt.convert import dtypes
 from kimi_trt.convert.fp8 import (
     FP8_DTYPE,
     dequantize_block,
@@ -45,20 +46,21 @@ class ErrorStats:
     abs_sum: float = 0.0
     pieces: int = 0
 
-    def add(self, exact: torch.Tensor, approx: torch.Tensor, pieces_dim0: bool = False) -> None:
+    def add(self, exact: np.ndarray, approx: np.ndarray, pieces_dim0: bool = False) -> None:
         """Account one piece (or, with `pieces_dim0`, each slice along dim 0 as a piece)."""
-        if not exact.numel():
+        if not exact.size:
             return
-        diff = approx.to(torch.float32, copy=True).sub_(exact).abs_()
-        mag = exact.abs()
-        if not pieces_dim0:
-            diff, mag = diff.unsqueeze(0), mag.unsqueeze(0)
-        amax = mag.flatten(1).amax(1)
-        ratio = diff.flatten(1).amax(1) / amax.clamp_min(torch.finfo(torch.float32).tiny)
+        n = exact.shape[0] if pieces_dim0 else 1
+        exact = exact.reshape(n, -1)
+        diff = approx.reshape(n, -1).astype(np.float32)  # one scratch array, reused below
+        diff -= exact
+        np.abs(diff, out=diff)
+        amax = np.maximum(exact.max(axis=1), -exact.min(axis=1))
+        ratio = diff.max(axis=1) / np.maximum(amax, np.finfo(np.float32).tiny)
         self.max_rel = max(self.max_rel, float(ratio[amax > 0].max()) if (amax > 0).any() else 0.0)
         self.abs_err_sum += float(diff.sum())
-        self.abs_sum += float(mag.sum())
-        self.pieces += diff.shape[0]
+        self.abs_sum += float(np.abs(exact, out=diff).sum())
+        self.pieces += n
 
     def add_exact(self, pieces: int) -> None:
         """Account pieces whose decoded value was shown equal to the source (zero error)."""
@@ -90,38 +92,36 @@ class ErrorStats:
         return cls(d["max_rel"], d["abs_err_sum"], d["abs_sum"], d["pieces"])
 
 
-def encode(
-    w: torch.Tensor, fmt: str, block: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode(w: np.ndarray, fmt: str, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Store float values `w` [.., rows, cols] in `fmt`: (weight, scale or None)."""
     if fmt in ("fp8_block", "fp8_ue8m0"):
         return quantize_block(w, block, power_of_two=fmt == "fp8_ue8m0")
     if fmt == "int8_wo":
         return quantize_int8_per_channel(w)
     if fmt in ("bf16", "fp32"):
-        return w.to(torch.float32 if fmt == "fp32" else torch.bfloat16), None
+        return w.astype(dtypes.float32 if fmt == "fp32" else dtypes.bfloat16), None
     raise ValueError(f"unknown weight format {fmt!r}")
 
 
 def decode(
-    q: torch.Tensor, scale: torch.Tensor | None, fmt: str, block: tuple[int, int] | None
-) -> torch.Tensor:
+    q: np.ndarray, scale: np.ndarray | None, fmt: str, block: tuple[int, int] | None
+) -> np.ndarray:
     """Float32 value of a stored weight (and its scale) in `fmt`: the inverse of `encode`."""
     if fmt in ("fp8_block", "fp8_ue8m0"):
         return dequantize_block(q, scale, block or (128, 128))
     if fmt == "int8_wo":
-        return q.to(torch.float32) * scale.unsqueeze(-1)
+        return q.astype(np.float32) * scale[..., None]
     if q.dtype == FP8_DTYPE:
         raise ValueError(f"FP8 tensor but format {fmt!r}")
-    return q.to(torch.float32)
+    return q.astype(np.float32)
 
 
 def decode_weight(
-    get: Callable[[str], torch.Tensor], name: str, fmt: str, block: tuple[int, int] | None
-) -> torch.Tensor:
+    get: Callable[[str], np.ndarray], name: str, fmt: str, block: tuple[int, int] | None
+) -> np.ndarray:
     """Float32 value of a stored linear weight `name` (ending in '.weight') in format `fmt`.
 
-    `get(tensor_name)` returns a tensor of the rank file (e.g. safe_open(...).get_tensor).
+    `get(tensor_name)` returns a tensor of the rank file as a numpy array.
     Works for 2-D weights and stacked 3-D expert weights.
     """
     base = name.removesuffix(".weight")

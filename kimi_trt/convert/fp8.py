@@ -4,33 +4,55 @@ A weight W [out, in] is stored as e4m3fn bytes Q plus a float32 `weight_scale_in
 shape [ceil(out/B), ceil(in/B)] (B = 128); the real value is Q[i, j] * S[i // B, j // B].
 The last block of a dimension may be partial. Quantisation picks S = blockmax / 448 so the
 largest element of each block lands on e4m3's largest finite value.
+
+numpy arrays throughout (FP8 and bfloat16 from `ml_dtypes`): the converter must not pay
+for importing torch (`kimi_trt.convert.dtypes`). Block operations reshape a (zero-padded
+when partial) [.., out, in] array to [.., out/B, B, in/B, B] and broadcast the scales,
+instead of materialising a full-size scale matrix.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
+
+from kimi_trt.convert import dtypes
 
 FP8_MAX = 448.0
-FP8_DTYPE = torch.float8_e4m3fn
+FP8_DTYPE = dtypes.float8_e4m3fn
+# e4m3fn byte -> float32 value: a table lookup is ~2.5x faster than ml_dtypes' cast.
+_FP8_VALUES = np.arange(256, dtype=np.uint8).view(FP8_DTYPE).astype(np.float32)
 
 
-def scale_shape(shape: tuple[int, ...] | torch.Size, block: tuple[int, int]) -> tuple[int, ...]:
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     """Shape of the block-scale tensor for a weight of `shape` (leading dims kept)."""
     *lead, rows, cols = shape
     return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
 
 
-def expand_scales(
-    scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]
-) -> torch.Tensor:
-    """Repeat each block scale over its block and crop partial blocks: [.., rows, cols]."""
-    s = scale.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
-    return s[..., :rows, :cols]
+def _to_blocks(a: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """[.., rows, cols] -> [.., R, B0, C, B1], zero-padded to whole blocks (a view if whole)."""
+    rows, cols = a.shape[-2:]
+    pr, pc = (-rows) % block[0], (-cols) % block[1]
+    if pr or pc:
+        a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pr), (0, pc)])
+    *lead, r, c = a.shape
+    return a.reshape(*lead, r // block[0], block[0], c // block[1], block[1])
 
 
-def dequantize_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def _from_blocks(b: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Inverse of `_to_blocks`, cropped back to [.., rows, cols] (contiguous)."""
+    *lead, r, b0, c, b1 = b.shape
+    return np.ascontiguousarray(b.reshape(*lead, r * b0, c * b1)[..., :rows, :cols])
+
+
+def _per_block(scale: np.ndarray) -> np.ndarray:
+    """Block scales [.., R, C] broadcastable against `_to_blocks` output."""
+    return scale.astype(np.float32, copy=False)[..., :, None, :, None]
+
+
+def dequantize_block(q: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """FP8 bytes + block scales -> float32 (works on [.., out, in] with leading dims)."""
     rows, cols = q.shape[-2:]
     want = scale_shape(q.shape, block)
@@ -38,37 +60,36 @@ def dequantize_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
         raise ValueError(
             f"scale shape {tuple(scale.shape)} does not match weight {tuple(q.shape)}: expected {want}"
         )
-    return q.to(torch.float32) * expand_scales(scale.to(torch.float32), rows, cols, block)
+    values = _FP8_VALUES[q.view(np.uint8)] if q.dtype == FP8_DTYPE else q.astype(np.float32)
+    blocks = _to_blocks(values, block)
+    blocks *= _per_block(scale)
+    return _from_blocks(blocks, rows, cols)
 
 
-def block_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def block_amax(w: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """Max |w| per block, partial blocks included: [.., ceil(out/B), ceil(in/B)]."""
-    rows, cols = w.shape[-2:]
-    pr, pc = (-rows) % block[0], (-cols) % block[1]
-    a = torch.nn.functional.pad(w.abs().to(torch.float32), (0, pc, 0, pr))
-    lead = a.shape[:-2]
-    a = a.reshape(*lead, a.shape[-2] // block[0], block[0], a.shape[-1] // block[1], block[1])
-    return a.amax(dim=(-3, -1))
+    return np.abs(_to_blocks(w.astype(np.float32, copy=False), block)).max(axis=(-3, -1))
 
 
 def quantize_block(
-    w: torch.Tensor, block: tuple[int, int] = (128, 128), power_of_two: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: np.ndarray, block: tuple[int, int] = (128, 128), power_of_two: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """float -> (e4m3fn bytes, float32 scale_inv). `power_of_two` rounds scales up to 2**k
     (UE8M0, Blackwell's block-scale recipe) so no element overflows."""
     amax = block_amax(w, block)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
     if power_of_two:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
     rows, cols = w.shape[-2:]
-    full = expand_scales(scale, rows, cols, block)
-    q = (w.to(torch.float32) / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    blocks = _to_blocks(w.astype(np.float32, copy=False), block) / _per_block(scale)
+    q = np.clip(_from_blocks(blocks, rows, cols), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
     return q, scale
 
 
-def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel int8 (weight-only): w ~= q * scale[.., out, None]."""
-    amax = w.abs().to(torch.float32).amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w.to(torch.float32) / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    w = w.astype(np.float32, copy=False)
+    amax = np.abs(w).max(axis=-1)
+    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.round(w / scale[..., None]), -127, 127).astype(np.int8)
     return q, scale

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from kimi_trt.config import ModelConfig
+from kimi_trt.convert import dtypes
 from kimi_trt.convert.fp8 import FP8_DTYPE, scale_shape
 
 # Tensor classes used for byte accounting across synth, converter, planner and inspect.
@@ -31,7 +32,7 @@ TENSOR_CLASSES = (
 @dataclass(frozen=True)
 class HFTensor:
     name: str
-    dtype: torch.dtype
+    dtype: np.dtype
     shape: tuple[int, ...]
     cls: str  # one of TENSOR_CLASSES
     layer: int | None  # decoder layer index, None for embeddings / final norm / lm_head
@@ -46,7 +47,7 @@ class HFTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 def _linear(
@@ -54,12 +55,12 @@ def _linear(
 ) -> list[HFTensor]:
     """A Linear weight: FP8 + block scales in an FP8 checkpoint, else BF16."""
     if cfg.weight_block_size is None:
-        return [HFTensor(name + ".weight", torch.bfloat16, (out, inp), cls, layer)]
+        return [HFTensor(name + ".weight", dtypes.bfloat16, (out, inp), cls, layer)]
     return [
         HFTensor(name + ".weight", FP8_DTYPE, (out, inp), cls, layer),
         HFTensor(
             name + ".weight_scale_inv",
-            torch.float32,
+            dtypes.float32,
             scale_shape((out, inp), cfg.weight_block_size),
             cls,
             layer,
@@ -69,7 +70,7 @@ def _linear(
 
 
 def _norm(name: str, dim: int, layer: int | None) -> HFTensor:
-    return HFTensor(name + ".weight", torch.bfloat16, (dim,), "norms", layer)
+    return HFTensor(name + ".weight", dtypes.bfloat16, (dim,), "norms", layer)
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -129,8 +130,8 @@ def layer_tensors(cfg: ModelConfig, i: int) -> list[HFTensor]:
     if cfg.layer_kinds[i] == "dense":
         return out + _linears(cfg, i, shapes, _mlp("mlp."), "dense_mlp")
     e = cfg.n_routed_experts
-    out.append(HFTensor(f"{p}.mlp.gate.weight", torch.bfloat16, (e, h), "router", i))
-    out.append(HFTensor(f"{p}.mlp.gate.e_score_correction_bias", torch.float32, (e,), "router", i))
+    out.append(HFTensor(f"{p}.mlp.gate.weight", dtypes.bfloat16, (e, h), "router", i))
+    out.append(HFTensor(f"{p}.mlp.gate.e_score_correction_bias", dtypes.float32, (e,), "router", i))
     expert = _mlp("mlp.experts.{E}.")
     for x in range(e):
         for name in expert:
@@ -146,7 +147,7 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
     out = [
         HFTensor(
             "model.embed_tokens.weight",
-            torch.bfloat16,
+            dtypes.bfloat16,
             (cfg.vocab_size, cfg.hidden_size),
             "embeddings",
             None,
@@ -158,7 +159,11 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
     if not cfg.tie_word_embeddings:
         out.append(
             HFTensor(
-                "lm_head.weight", torch.bfloat16, (cfg.vocab_size, cfg.hidden_size), "lm_head", None
+                "lm_head.weight",
+                dtypes.bfloat16,
+                (cfg.vocab_size, cfg.hidden_size),
+                "lm_head",
+                None,
             )
         )
     return out

@@ -1,21 +1,23 @@
 """manifest.json, the resume state, and `--verify` for a per-rank checkpoint directory.
 
-The resume state (`.convert-state.json`) records each finished rank file: sha256 (hashed
-while writing), sizes, bytes per class and its requantisation statistics. A rerun reuses a
-rank file only if the state lists it with the same config hash and its bytes hash to the
-recorded sha256. The manifest is built from the state alone, so it is identical whether
-ranks were converted now or reused; it is written last, and its presence marks the
-directory complete.
+The resume state (`.convert-state.json`) records each finished rank file: its checksum
+(`kimi_trt.checksum`, XXH3-128, hashed while writing), sizes, bytes per class and its
+requantisation statistics. A rerun reuses a rank file only if the state lists it with the
+same config hash and its bytes hash to the recorded checksum. The manifest is built from
+the state alone, so it is identical whether ranks were converted now or reused; it is
+written last, and its presence marks the directory complete. It names its checksum
+algorithm; `verify_dir` re-hashes every file with it, a few files at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kimi_trt
+from kimi_trt.checksum import ALGORITHM, file_matches, hash_file, manifest_algorithm
 from kimi_trt.convert.formats import ErrorStats
 from kimi_trt.convert.hf_layout import TENSOR_CLASSES
 from kimi_trt.convert.rank_checkpoint import (
@@ -26,15 +28,14 @@ from kimi_trt.convert.rank_checkpoint import (
     rank_file_name,
     read_rank_config,
 )
-from kimi_trt.convert.safetensors_io import sha256_file
 from kimi_trt.errors import CheckpointError
 from kimi_trt.json_files import read_json, read_json_or
 from kimi_trt.output_dirs import write_json_atomic
 
 STATE_NAME = ".convert-state.json"
 MANIFEST_KIND = "kimi_trt.per_rank_checkpoint"
-LEGACY_ALGORITHM = "sha256"  # manifests without a checksum_algorithm field
-HASH_CHUNK = 8 << 20
+MANIFEST_VERSION = 2  # 2: checksum_algorithm + digests keyed by algorithm (1: sha256 only)
+VERIFY_THREADS = 4  # files hashed at once by verify_dir (reads and hashing release the GIL)
 
 
 class ResumeState:
@@ -56,12 +57,11 @@ class ResumeState:
             write_json_atomic(self.path, {"config_hash": self.config_hash, "ranks": self.ranks})
 
     def reusable(self, out: Path, rank: int) -> dict[str, Any] | None:
-        """The recorded entry if rank{rank}.safetensors exists and its sha256 matches."""
+        """The recorded entry if rank{rank}.safetensors exists and its checksum matches."""
         entry = self.ranks.get(str(rank))
-        path = out / rank_file_name(rank)
-        if entry is None or not path.exists() or path.stat().st_size != entry["bytes"]:
+        if entry is None or not file_matches(out / rank_file_name(rank), entry, ALGORITHM):
             return None
-        return entry if sha256_file(path) == entry["sha256"] else None
+        return entry
 
 
 def _merge_errors(
@@ -98,20 +98,21 @@ def build_manifest(
     by_format |= {"embeddings": formats.embeddings, "lm_head": formats.embeddings}
     files: dict[str, Any] = {
         CONFIG_NAME: {
-            "sha256": sha256_file(out / CONFIG_NAME),
+            ALGORITHM: hash_file(out / CONFIG_NAME),
             "bytes": (out / CONFIG_NAME).stat().st_size,
         }
     }
     totals = dict.fromkeys(TENSOR_CLASSES, 0)
     for rank, entry in enumerate(entries):
         files[rank_file_name(rank)] = {
-            k: entry[k] for k in ("sha256", "bytes", "tensors", "tensor_bytes", "bytes_by_class")
+            k: entry[k] for k in (ALGORITHM, "bytes", "tensors", "tensor_bytes", "bytes_by_class")
         }
         for cls, n in entry["bytes_by_class"].items():
             totals[cls] = totals.get(cls, 0) + n
     return {
         "kind": MANIFEST_KIND,
-        "format_version": 1,
+        "format_version": MANIFEST_VERSION,
+        "checksum_algorithm": ALGORITHM,
         "tool": "kimi_trt",
         "tool_version": kimi_trt.__version__,
         "config_hash": cfg.config_hash,
@@ -126,27 +127,6 @@ def build_manifest(
         "requantised": dict(requantised or {}),
         "source": source,
     }
-
-
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a whole file by a manifest's checksum algorithm (any hashlib name).
-
-    The one function load-time checks and --verify call, so a faster algorithm recorded
-    by newer manifests needs only this changed."""
-    try:
-        h = hashlib.new(algorithm)
-    except (ValueError, TypeError):
-        raise CheckpointError(f"{path}: unknown checksum algorithm {algorithm!r}") from None
-    buf = memoryview(bytearray(HASH_CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
-
-
-def manifest_algorithm(manifest: dict[str, Any]) -> str:
-    """The algorithm of a manifest's file digests (manifests without the field: sha256)."""
-    return str(manifest.get("checksum_algorithm", LEGACY_ALGORITHM))
 
 
 def manifest_files(path: Path, manifest: Any) -> dict[str, dict[str, Any]]:
@@ -180,7 +160,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
 
 
 def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
-    """Re-check a converted directory: manifest, config, every rank file's sha256 and header."""
+    """Re-check a converted directory: manifest, config, every file's checksum and header."""
     out = Path(out)
     manifest = read_manifest(out)
     cfg = read_rank_config(out)
@@ -198,10 +178,18 @@ def verify_dir(out: str | Path, progress=None) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: {path.stat().st_size} bytes, manifest.json says {info['bytes']}"
             )
-        if file_digest(path, algorithm) != info[algorithm]:
-            raise CheckpointError(f"{path}: {algorithm} does not match manifest.json (corrupted)")
+
+    def check(item: tuple[str, dict[str, Any]]) -> None:
+        name, info = item
+        if hash_file(out / name, algorithm) != info[algorithm]:
+            raise CheckpointError(
+                f"{out / name}: {algorithm} checksum does not match manifest.json (corrupted)"
+            )
         if progress is not None:
             progress(info["bytes"])
+
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        list(pool.map(check, manifest["files"].items()))
     for rank in range(cfg.world_size):
         if rank_file_name(rank) not in manifest["files"]:
             raise CheckpointError(f"{out / MANIFEST_NAME}: no entry for {rank_file_name(rank)}")

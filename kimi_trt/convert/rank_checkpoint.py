@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from kimi_trt.config import (
@@ -55,7 +54,7 @@ class RankCheckpointConfig:
     mapping: Mapping
     formats: WeightFormats
     vocab_size_padded: int
-    mla_dtype: torch.dtype
+    mla_dtype: str  # numpy/torch dtype name of derived MLA tensors: bfloat16 or float32
     weight_block_size: tuple[int, int] | None
     config_hash: str
     tool_version: str
@@ -229,7 +228,7 @@ def parse_config(raw: dict[str, Any], src: str, path: Path) -> RankCheckpointCon
             mapping=mapping,
             formats=formats,
             vocab_size_padded=int(ours["vocab_size_padded"]),
-            mla_dtype=getattr(torch, ours["mla_dtype"]),
+            mla_dtype=str(ours["mla_dtype"]),
             weight_block_size=tuple(block) if block else None,
             config_hash=str(ours["config_hash"]),
             tool_version=str(ours["tool_version"]),

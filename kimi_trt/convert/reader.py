@@ -7,10 +7,12 @@ headers valid in full (`safetensors_header`: offsets tile the file, each span is
 dtype bytes), every expected tensor present with the right dtype and shape (FP8 scales
 included), unknown tensors reported. `check_scales` then reads only the small FP8 scale
 tensors and refuses NaN/Inf/non-positive values. Weights are read later, slice by slice,
-with `os.preadv` straight into a tensor at the offsets the header gives - never a whole
+with `os.preadv` straight into a numpy array at the offsets the header gives - never a whole
 shard, never the whole model. (Not mmap/`safe_open`: every mapped page a process touches
 counts toward its resident memory until unmapped, so RSS would grow with the model;
-a pread leaves nothing behind but the page cache, and skips one copy.)
+a pread leaves nothing behind but the page cache, and skips one copy.) The exception is a
+column slice (a weight split by columns keeps 1/tp of each row): those rows are mapped a
+few MB at a time and only the kept columns copied, instead of reading every row whole.
 FP8 bytes stored verbatim (by whole rows) are not read here at all: `fp8_slice`/`raw_rows`
 return their byte ranges (`FileSlice`) and the rank writer streams them file to file.
 Everything else is read as values (`values`: dequantised float32, any slice bounds).
@@ -20,13 +22,14 @@ Every error is one line naming the file and the tensor.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import torch
+import numpy as np
 
 from kimi_trt.config import ModelConfig
 from kimi_trt.convert.fp8 import FP8_MAX, dequantize_block
@@ -40,7 +43,7 @@ from kimi_trt.json_files import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_LISTED = 5
-_COL_CHUNK_BYTES = 16 << 20  # rows read at once when only some columns are kept
+_COL_CHUNK_BYTES = 16 << 20  # rows mapped at once when only some columns are kept
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,9 @@ class HFCheckpoint:
             fds[file] = os.open(self.path / file, os.O_RDONLY)
         return fds[file]
 
-    def _pread_into(self, file: str, out: torch.Tensor, offset: int) -> None:
+    def _pread_into(self, file: str, out: np.ndarray, offset: int) -> None:
         """Fill contiguous `out` with the file's bytes at `offset` (short reads retried)."""
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        view = memoryview(out.reshape(-1).view(np.uint8))
         fd, done = self._fd(file), 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -168,25 +171,36 @@ class HFCheckpoint:
 
     def read(
         self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """A tensor or a [rows, cols] slice of it (only the rows' bytes are read)."""
         info = self.tensors[name]
         dtype, shape = ST_TO_DTYPE[info.dtype], info.shape
         r0, r1 = rows or (0, shape[0])
         row_bytes = info.nbytes // shape[0] if shape[0] else 0
         if cols is None or len(shape) == 1 or cols == (0, shape[1]):
-            out = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
+            out = np.empty((r1 - r0, *shape[1:]), dtype=dtype)
             self._pread_into(info.file, out, info.offset + r0 * row_bytes)
             return out
         c0, c1 = cols
-        out = torch.empty((r1 - r0, c1 - c0), dtype=dtype)
+        out = np.empty((r1 - r0, c1 - c0), dtype=dtype)
         chunk = max(1, _COL_CHUNK_BYTES // max(row_bytes, 1))
-        buf = torch.empty((min(chunk, r1 - r0), shape[1]), dtype=dtype)
         for a in range(r0, r1, chunk):
-            part = buf[: min(chunk, r1 - a)]
-            self._pread_into(info.file, part, info.offset + a * row_bytes)
-            out[a - r0 : a - r0 + part.shape[0]] = part[:, c0:c1]
+            b = min(a + chunk, r1)
+            rows = self._mapped(info.file, info.offset + a * row_bytes, (b - a) * row_bytes)
+            out[a - r0 : b - r0] = rows.view(dtype).reshape(b - a, shape[1])[:, c0:c1]
         return out
+
+    def _mapped(self, file: str, offset: int, nbytes: int) -> np.ndarray:
+        """The file's bytes [offset, offset + nbytes) as a read-only array over a mapping
+        (unmapped when the array is freed); only the pages touched are faulted in."""
+        fd = self._fd(file)
+        if os.fstat(fd).st_size < offset + nbytes:
+            raise CheckpointError(
+                f"{self.path / file}: unexpected end of file before byte {offset + nbytes}"
+            )
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, offset - start + nbytes, prot=mmap.PROT_READ, offset=start)
+        return np.frombuffer(mm, np.uint8, nbytes, offset - start)
 
     def raw_rows(self, name: str, rows: tuple[int, int] | None = None) -> FileSlice:
         """The byte range of rows [r0, r1) of `name` (whole tensor without `rows`)."""
@@ -202,12 +216,12 @@ class HFCheckpoint:
             (r1 - r0, *shape[1:]),
         )
 
-    def values(self, base: str, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    def values(self, base: str, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
         """Float32 values of rows x cols of the linear weight `base`, any bounds: in an FP8
         checkpoint the covering blocks are read and dequantised, then cropped."""
         name = base + ".weight"
         if self.block is None:
-            return self.read(name, rows, cols).to(torch.float32)
+            return self.read(name, rows, cols).astype(np.float32)
         b0, b1 = self.block
         n_rows, n_cols = self.tensors[name].shape
         (r0, r1), (c0, c1) = rows, cols
@@ -224,7 +238,7 @@ class HFCheckpoint:
 
     def fp8_slice(
         self, base: str, rows: tuple[int, int], cols: tuple[int, int]
-    ) -> tuple[FileSlice | torch.Tensor, torch.Tensor]:
+    ) -> tuple[FileSlice | np.ndarray, np.ndarray]:
         """FP8 bytes and block scales of a block-aligned slice, to be stored verbatim: the
         bytes as their file range when the slice is whole rows (the writer copies them
         file to file), else read; the scales always read (the caller checks them)."""
@@ -249,7 +263,7 @@ class HFCheckpoint:
             if not name.endswith(".weight_scale_inv") or is_ignored(name, self.model):
                 continue
             s = self.read(name)
-            bad = ~torch.isfinite(s)
+            bad = ~np.isfinite(s)
             if bad.any():
                 raise CheckpointError(
                     f"{self.path / info.file}: tensor {name} has {int(bad.sum())} NaN/Inf values"

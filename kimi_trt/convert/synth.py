@@ -29,6 +29,7 @@ from kimi_trt.convert.hf_layout import HFTensor, hf_tensors
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
 from kimi_trt.errors import ConfigError, UserError
 from kimi_trt.output_dirs import prepare_output_dir, write_json_atomic
+from kimi_trt.torch_bridge import to_numpy, torch_dtype
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_CONFIG = ASSETS / "kimi-k2-instruct.config.json"
@@ -157,13 +158,14 @@ def synth_tensor(t: HFTensor, cfg: ModelConfig, seed: int) -> torch.Tensor:
     if t.name.endswith("e_score_correction_bias"):
         return (torch.rand(t.shape, generator=g) - 0.5) * 0.2
     if t.cls == "norms":
-        return (1.0 + 0.1 * torch.randn(t.shape, generator=g)).to(t.dtype)
+        return (1.0 + 0.1 * torch.randn(t.shape, generator=g)).to(torch_dtype(t.dtype))
+    dtype = torch_dtype(t.dtype)
     if t.dtype == FP8_DTYPE:
-        return (torch.randn(t.shape, generator=g) * 64.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return (torch.randn(t.shape, generator=g) * 64.0).clamp(-FP8_MAX, FP8_MAX).to(dtype)
     if t.cls == "embeddings":
-        return torch.randn(t.shape, generator=g).to(t.dtype)
+        return torch.randn(t.shape, generator=g).to(dtype)
     gain = 2.0 if t.cls == "router" else 1.0
-    return (torch.randn(t.shape, generator=g) * gain / math.sqrt(t.shape[-1])).to(t.dtype)
+    return (torch.randn(t.shape, generator=g) * gain / math.sqrt(t.shape[-1])).to(dtype)
 
 
 def shard_plan(cfg: ModelConfig) -> list[list[HFTensor]]:
@@ -203,7 +205,7 @@ def write_synthetic_checkpoint(
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
         with StreamingSafetensorsWriter(out / fname, specs, metadata={"format": "pt"}) as w:
             for t in tensors:
-                w.write(t.name, synth_tensor(t, cfg, seed))
+                w.write(t.name, to_numpy(synth_tensor(t, cfg, seed)))
                 weight_map[t.name] = fname
                 bar.update(t.nbytes)
     bar.close()

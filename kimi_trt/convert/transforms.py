@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-import torch
+import numpy as np
 
 from kimi_trt.config import ModelConfig, WeightFormats
+from kimi_trt.convert import dtypes
 from kimi_trt.convert.formats import ErrorStats, decode, encode
 from kimi_trt.convert.hf_layout import linear_shapes
 from kimi_trt.convert.reader import HFCheckpoint
@@ -39,11 +40,11 @@ from kimi_trt.convert.units import (
 from kimi_trt.convert.weight_table import Rule, format_of, mla_dtype, vocab_size_padded
 from kimi_trt.mapping import Mapping
 
-Stored = torch.Tensor | FileSlice
+Stored = np.ndarray | FileSlice
 Part = tuple[Stored, Stored | None]  # (stored weight slice, its scale slice)
 VOCAB_ROWS_PER_PART = 8192
 ENCODE_ROWS = 1024  # rows re-encoded at once (rounded to a multiple of the FP8 block)
-ABSORB_HEADS = 8  # heads of fused_q_proj computed at once
+ABSORB_HEADS = 1  # heads of fused_q_proj per part: small enough to stay in cache and reuse
 
 
 @dataclass
@@ -101,9 +102,10 @@ class RankContext:
                 for r, o in zip(unit, offsets, strict=False)
                 if (lo := max(a, o)) < (hi := min(z, o + r.nrows))
             ]
-            q, scale = encode(torch.cat(pieces), fmt, self.block)
+            q, scale = encode(np.concatenate(pieces), fmt, self.block)
             got = decode(q, scale, fmt, self.block)
-            for want, back in zip(pieces, got.split([len(p) for p in pieces]), strict=True):
+            ends = list(accumulate(len(p) for p in pieces))[:-1]
+            for want, back in zip(pieces, np.split(got, ends), strict=True):
                 stats.add(want, back)
             yield q, scale
 
@@ -115,7 +117,7 @@ def _base(rule_source: str, layer: int | None) -> str:
 def copy(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     """Norms as-is; linear weights sliced by rows/cols over attention TP (or whole)."""
     if rule.kind == "norm":
-        yield ctx.reader.read(_base(rule.sources[0], layer)).to(torch.bfloat16), None
+        yield _as_dtype(ctx, _base(rule.sources[0], layer), dtypes.bfloat16), None
         return
     yield from ctx.linear(rule, layer)
 
@@ -125,8 +127,15 @@ def linear(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     yield from ctx.linear(rule, layer)
 
 
+def _as_dtype(ctx: RankContext, name: str, dtype: np.dtype) -> Stored:
+    """A whole small tensor in `dtype`: its bytes when the checkpoint stores that dtype."""
+    if ST_TO_DTYPE[ctx.reader.tensors[name].dtype] == dtype:
+        return ctx.reader.raw_rows(name)
+    return ctx.reader.read(name).astype(dtype)
+
+
 def to_fp32(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
-    yield ctx.reader.read(_base(rule.sources[0], layer)).to(torch.float32), None
+    yield _as_dtype(ctx, _base(rule.sources[0], layer), dtypes.float32), None
 
 
 def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
@@ -140,15 +149,18 @@ def absorb_q(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]:
     q_base, kv_base = (_base(s, layer) for s in rule.sources)
     wq = ctx.reader.values(q_base, ctx.attn_span(q_rows), (0, q_in))
     wkv = ctx.reader.values(kv_base, ctx.attn_span(kv_rows), (0, m.kv_lora_rank))
-    wq = wq.view(heads, m.qk_head_dim, q_in)
-    wkv = wkv.view(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-    nope, dtype = m.qk_nope_head_dim, mla_dtype(ctx.formats)
+    wq = wq.reshape(heads, m.qk_head_dim, q_in)
+    wkv = wkv.reshape(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+    nope, kl, dtype = m.qk_nope_head_dim, m.kv_lora_rank, mla_dtype(ctx.formats)
     stats = ctx.derived.setdefault(rule.target, ErrorStats())
+    exact = np.empty((kl + m.qk_rope_head_dim, q_in), np.float32)  # one head, reused
     for h in range(0, heads, ABSORB_HEADS):
-        q, kv = wq[h : h + ABSORB_HEADS], wkv[h : h + ABSORB_HEADS]
-        exact = torch.cat([torch.einsum("hdq,hdk->hkq", q[:, :nope], kv[:, :nope]), q[:, nope:]], 1)
-        stored = exact.to(dtype)  # [heads in chunk, kl + rope, q_in]
-        stats.add(exact, stored, pieces_dim0=True)
+        stored = np.empty((min(ABSORB_HEADS, heads - h), *exact.shape), dtype)
+        for i in range(stored.shape[0]):
+            np.matmul(wkv[h + i, :nope].T, wq[h + i, :nope], out=exact[:kl])
+            exact[kl:] = wq[h + i, nope:]
+            stored[i] = exact
+            stats.add(exact, stored[i])  # each head is one piece
         yield stored.reshape(-1, q_in), None
 
 
@@ -159,16 +171,16 @@ def pad_vocab(ctx: RankContext, rule: Rule, layer: int | None) -> Iterator[Part]
         src = "model.embed_tokens.weight"
     v, h = ctx.model.vocab_size, ctx.model.hidden_size
     start, end = ctx.attn_span(vocab_size_padded(ctx.model, ctx.mapping))
-    dtype = torch.float32 if ctx.formats.embeddings == "fp32" else torch.bfloat16
+    dtype = dtypes.float32 if ctx.formats.embeddings == "fp32" else dtypes.bfloat16
     last = min(end, v)  # rows [start, last) come from the checkpoint
     if start < last and ST_TO_DTYPE[ctx.reader.tensors[src].dtype] == dtype:
         yield ctx.reader.raw_rows(src, (start, last)), None
     else:
         for lo in range(start, last, VOCAB_ROWS_PER_PART):
             hi = min(lo + VOCAB_ROWS_PER_PART, last)
-            yield ctx.reader.read(src, (lo, hi)).to(dtype), None
+            yield ctx.reader.read(src, (lo, hi)).astype(dtype), None
     if end > v:
-        yield torch.zeros(end - max(start, v), h, dtype=dtype), None
+        yield np.zeros((end - max(start, v), h), dtype=dtype), None
 
 
 TRANSFORMS: dict[str, Callable[[RankContext, Rule, int | None], Iterator[Part]]] = {

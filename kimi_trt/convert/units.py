@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from kimi_trt.config import ModelConfig, WeightFormats
 from kimi_trt.convert.hf_layout import linear_shapes
@@ -147,21 +147,21 @@ def requantisation_plan(
     return out
 
 
-def copy_scale_mismatch(unit: Unit, scales: list[torch.Tensor], block: tuple[int, int]) -> int:
+def copy_scale_mismatch(unit: Unit, scales: list[np.ndarray], block: tuple[int, int]) -> int:
     """Rows of a verbatim FP8 copy of `unit` that would decode with a scale other than
     their source's: the written scale tensor (the slices' scale rows stacked, as the
     writer stores them) indexed on the unit's own block grid, against each slice's scales
     on its source's grid. The FP8 bytes are the source's, so w' - w = q * (s' - s): zero
     mismatched rows means every copied value equals its source exactly."""
-    written = torch.cat(scales)
+    written = np.concatenate(scales)
     total = sum(r.nrows for r in unit)
     if written.shape[0] != math.ceil(total / block[0]):
         return total
     bad, offset = 0, 0
     for r, own in zip(unit, scales, strict=True):
-        i = torch.arange(r.nrows)
+        i = np.arange(r.nrows)
         mine = written[(offset + i) // block[0]]
         theirs = own[(r.rows[0] + i) // block[0] - r.rows[0] // block[0]]
-        bad += r.nrows if mine.shape != theirs.shape else int((mine != theirs).any(1).sum())
+        bad += r.nrows if mine.shape != theirs.shape else int((mine != theirs).any(axis=1).sum())
         offset += r.nrows
     return bad

@@ -29,9 +29,10 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from kimi_trt.config import ModelConfig, WeightFormats
+from kimi_trt.convert import dtypes
 from kimi_trt.convert.fp8 import FP8_DTYPE
 from kimi_trt.convert.hf_layout import linear_shapes
 from kimi_trt.mapping import Mapping
@@ -224,20 +225,13 @@ GLOBAL_RULES = GLOBAL_HEAD + GLOBAL_TAIL
 # HF tensors the converter reads nowhere, on purpose (MTP layers are matched by index).
 IGNORED_PATTERNS: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
-_ST_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.int8: "int8",
-}
-
 
 @dataclass(frozen=True)
 class TargetTensor:
     """One tensor of a rank file: what the header says, plus where it came from."""
 
     name: str
-    dtype: torch.dtype
+    dtype: np.dtype
     shape: tuple[int, ...]
     cls: str  # one of hf_layout.TENSOR_CLASSES
     layer: int | None
@@ -250,7 +244,7 @@ class TargetTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 # ---- derived sizes -------------------------------------------------------------------------
@@ -262,9 +256,9 @@ def vocab_size_padded(model: ModelConfig, mapping: Mapping) -> int:
     return math.ceil(model.vocab_size / t) * t
 
 
-def mla_dtype(formats: WeightFormats) -> torch.dtype:
+def mla_dtype(formats: WeightFormats) -> np.dtype:
     """Storage dtype of derived MLA tensors (fused_q_proj): fp32 if attention is fp32."""
-    return torch.float32 if formats.attention == "fp32" else torch.bfloat16
+    return dtypes.float32 if formats.attention == "fp32" else dtypes.bfloat16
 
 
 def format_of(rule: Rule, formats: WeightFormats) -> str:
@@ -335,7 +329,7 @@ def rank_shape(rule: Rule, model: ModelConfig, mapping: Mapping) -> tuple[int, .
 
 def _stored(
     name: str, shape: tuple[int, ...], fmt: str, model: ModelConfig
-) -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
+) -> list[tuple[str, np.dtype, tuple[int, ...], str]]:
     """(name, dtype, shape, role) of each tensor that stores one linear weight in `fmt`."""
     if fmt in BLOCK_FORMATS:
         block = model.weight_block_size or (128, 128)
@@ -343,14 +337,14 @@ def _stored(
         scale = (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
         return [
             (name + ".weight", FP8_DTYPE, shape, "weight"),
-            (name + ".weight_scale_inv", torch.float32, scale, "scale"),
+            (name + ".weight_scale_inv", dtypes.float32, scale, "scale"),
         ]
     if fmt == "int8_wo":
         return [
-            (name + ".weight", torch.int8, shape, "weight"),
-            (name + ".per_channel_scale", torch.float32, shape[:-1], "scale"),
+            (name + ".weight", dtypes.int8, shape, "weight"),
+            (name + ".per_channel_scale", dtypes.float32, shape[:-1], "scale"),
         ]
-    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    dtype = dtypes.float32 if fmt == "fp32" else dtypes.bfloat16
     return [(name + ".weight", dtype, shape, "weight")]
 
 
@@ -368,14 +362,14 @@ def rule_targets(
     if rule.kind == "linear":
         stored = _stored(name, shape, formats.for_class(rule.cls), model)
     elif rule.kind == "embedding":
-        dtype = torch.float32 if formats.embeddings == "fp32" else torch.bfloat16
+        dtype = dtypes.float32 if formats.embeddings == "fp32" else dtypes.bfloat16
         stored = [(name, dtype, shape, "weight")]
     elif rule.kind == "derived":
         stored = [(name, mla_dtype(formats), shape, "weight")]
     elif rule.kind == "router":
-        stored = [(name, torch.float32, shape, "weight")]
+        stored = [(name, dtypes.float32, shape, "weight")]
     else:  # norm: kept in the checkpoint's dtype
-        stored = [(name, torch.bfloat16, shape, "weight")]
+        stored = [(name, dtypes.bfloat16, shape, "weight")]
     return [TargetTensor(n, d, s, rule.cls, layer, rule, role) for n, d, s, role in stored]
 
 
@@ -442,5 +436,5 @@ def is_ignored(name: str, model: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) in model.mtp_layers
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return _ST_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+def dtype_name(dtype: np.dtype) -> str:
+    return dtype.name

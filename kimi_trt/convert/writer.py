@@ -1,11 +1,12 @@
 """Write one rank file: walk the weight table in file order, stream each target's parts.
 
 The header comes from `rank_tensor_specs` (shapes alone), then every target is written
-part by part as its transform yields them, hashed on the fly by the streaming writer and
-renamed into place only when complete. A scale tensor follows its weight, so its (small)
-parts are kept until the weight is written. The same bytes pass a NaN/Inf scan
-(`weight_check.NonFiniteScan`) on their way out. Write errors (disk full, file-size limit)
-become one-line `CheckpointError`s naming the file and tensor; the temp file is removed.
+part by part as its transform yields them, hashed on the fly by the streaming writer's
+writer thread and renamed into place only when complete. A scale tensor follows its
+weight, so its (small) parts are kept until the weight is written. The same bytes pass a
+NaN/Inf scan (`weight_check.NonFiniteScan`) on their way out. Write errors (disk full,
+file-size limit) become one-line `CheckpointError`s naming the file and the tensor whose
+bytes failed to write; the temp file is removed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kimi_trt.checksum import ALGORITHM
 from kimi_trt.convert.rank_checkpoint import rank_file_name
 from kimi_trt.convert.safetensors_io import StreamingSafetensorsWriter, TensorSpec
 from kimi_trt.convert.transforms import TRANSFORMS, Part, RankContext, Stored
@@ -65,7 +67,7 @@ def write_rank(
     model, mapping, formats = ctx.model, ctx.mapping, ctx.formats
     specs = rank_tensor_specs(model, mapping, formats, ctx.rank)
     path = out / rank_file_name(ctx.rank)
-    current, sources = specs[0].name, {}
+    current, sources, writer = specs[0].name, {}, None
 
     def refuse(name: str, count: int) -> None:
         raise CheckpointError(
@@ -94,16 +96,17 @@ def write_rank(
                     current = targets[1].name
                     writer.write_parts(current, scales)
                     advance(targets[1].nbytes)
-            sha = writer.close()
+            checksum = writer.close()
     except OSError as e:
+        where = (writer and writer.failed_tensor) or current
         raise CheckpointError(
-            f"{path}: cannot write ({e.strerror or e}) while writing tensor {current}"
+            f"{path}: cannot write ({e.strerror or e}) while writing tensor {where}"
         ) from None
     by_class: dict[str, int] = defaultdict(int)
     for t in specs:
         by_class[t.cls] += t.nbytes
     return {
-        "sha256": sha,
+        ALGORITHM: checksum,
         "bytes": path.stat().st_size,
         "tensors": len(specs),
         "tensor_bytes": sum(t.nbytes for t in specs),

@@ -31,6 +31,7 @@ from kimi_trt.convert.formats import ErrorStats
 from kimi_trt.convert.fp8 import FP8_DTYPE, dequantize_block, quantize_block
 from kimi_trt.convert.hf_layout import hf_tensors
 from kimi_trt.convert.reader import INDEX_NAME, HFCheckpoint
+from kimi_trt.torch_bridge import to_torch
 
 UE8M0_DIR = "checkpoint-ue8m0"
 SCALE_SUFFIX = "_scale_inv"
@@ -64,9 +65,9 @@ def _requantize_file(
             exact = dequantize_block(value, reader.read(scale_name), reader.block)
             q, s = quantize_block(exact, reader.block, power_of_two=True)
             stats[classes.get(name, "other")].add(exact, dequantize_block(q, s, reader.block))
-            out[name], out[scale_name] = q, s
+            out[name], out[scale_name] = to_torch(q), to_torch(s)
         else:
-            out[name] = value
+            out[name] = to_torch(value)
     return out
 
 

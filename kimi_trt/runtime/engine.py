@@ -39,7 +39,7 @@ from kimi_trt.runtime.launch import (
     init_process_groups,
 )
 from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
-from kimi_trt.runtime.sampling import SamplingParams
+from kimi_trt.runtime.sampling import SamplingParams, TokenConstraint
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -179,6 +179,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_config = executor.model
         self.backend = "torch"
+        self.supports_constraints = True  # generate(constraints=...) applies them at sampling
         self._channel = (
             ControlChannel(rt.comm, self._execute, HEARTBEAT_S) if self.is_driver else None
         )
@@ -243,14 +244,16 @@ class Engine:
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         on_token: OnToken | None = None,
+        constraints: list[TokenConstraint | None] | None = None,
     ) -> list[GenerationResult]:
-        """Continue each prompt. `on_token(i, token)` streams; returning False cancels request i."""
+        """Continue each prompt. `on_token(i, token)` streams; returning False cancels request i.
+        `constraints[i]` (optional) restricts request i's tokens (sampling.TokenConstraint)."""
         self._require_driver("generate")
         plist = sampling_params_list(prompts, params)
         self.validate_prompts(prompts, plist)
         if not prompts:
             return []
-        requests = make_requests(prompts, plist, self.eos_token_ids, self.max_seq_len)
+        requests = make_requests(prompts, plist, self.eos_token_ids, self.max_seq_len, constraints)
         n_slots = min(len(prompts), self.max_batch_size)
         self._command(("cache", n_slots, max(r.max_len for r in requests)))
         GenerationLoop(self._step, self._executor.owner, n_slots, on_token).run(requests)

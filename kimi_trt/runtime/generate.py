@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kimi_trt.runtime.executor import StepPlan
-from kimi_trt.runtime.sampling import SamplingParams, sample_token
+from kimi_trt.runtime.sampling import (
+    SamplingParams,
+    TokenConstraint,
+    constrain_logits,
+    sample_token,
+)
 
 OnToken = Callable[[int, int], "bool | None"]
 
@@ -46,6 +51,7 @@ class _Request:
     result: GenerationResult
     generator: torch.Generator | None
     slot: int = -1
+    constraint: TokenConstraint | None = None
 
     @property
     def length(self) -> int:
@@ -131,7 +137,10 @@ class GenerationLoop:
         if res.logits is not None:
             res.logits.append(row.clone())
         try:
+            row = constrain_logits(row, req.constraint)
             token = sample_token(row, req.params, req.generator)
+            if req.constraint is not None:
+                req.constraint.accept(token)
             if token in req.stop_ids:
                 self._finish(req, "stop")
                 return
@@ -157,14 +166,19 @@ def make_requests(
     params: list[SamplingParams],
     default_stop_ids: tuple[int, ...],
     max_seq_len: int,
+    constraints: list[TokenConstraint | None] | None = None,
 ) -> list[_Request]:
-    """One request per prompt (already validated by the engine)."""
+    """One request per prompt (already validated by the engine); `constraints`: one per
+    prompt (None: unconstrained)."""
     out = []
+    constraints = constraints or [None] * len(prompts)
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
         stop = p.stop_token_ids if p.stop_token_ids is not None else default_stop_ids
         result = GenerationResult(prompt_tokens=list(prompt))
         if p.return_logits:
             result.logits = []
         max_len = min(max_seq_len, len(prompt) + p.max_new_tokens)
-        out.append(_Request(i, p, frozenset(stop), max_len, result, p.generator()))
+        request = _Request(i, p, frozenset(stop), max_len, result, p.generator())
+        request.constraint = constraints[i]
+        out.append(request)
     return out

@@ -2,10 +2,10 @@
 
 A rank file with flipped bytes has the right size and a valid header, so without a
 checksum it loads and the model prints garbage with exit 0. Every load therefore checks
-the file against the digest its manifest records (`manifest.file_digest`, the manifest's
-algorithm). Hashing a 130 GB rank file costs a minute at sha256 speed, so a successful
-check is remembered in `<dir>/.verified/<file>.json` keyed on what any change to the file
-changes - size, mtime, ctime (which no user can set back), inode and device - and on the
+the file against the digest its manifest records (`kimi_trt.checksum.hash_file` with the
+manifest's algorithm). Hashing a 130 GB rank file still takes the time to read it (and
+over a minute of CPU for old sha256 manifests), so a successful check is remembered in
+`<dir>/.verified/<file>.json` keyed on what any change to the file changes - size, mtime, ctime (which no user can set back), inode and device - and on the
 expected digest; the next load with the same key only stats the file. A copied or
 rewritten file gets a new key and is hashed again. Directories that are not writable
 simply verify on every load.
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kimi_trt.convert.manifest import file_digest
+from kimi_trt.checksum import hash_file
 from kimi_trt.errors import CheckpointError
 from kimi_trt.json_files import read_json_or
 
@@ -63,7 +63,7 @@ def verify_file(path: Path, algorithm: str, digest: str) -> bool:
     key = _key(path, algorithm, digest)
     if _remembered(path, key):
         return False
-    got = file_digest(path, algorithm)
+    got = hash_file(path, algorithm)
     if got != digest:
         raise CheckpointError(
             f"{path}: {algorithm} {got[:16]}... does not match the manifest's {digest[:16]}...: "

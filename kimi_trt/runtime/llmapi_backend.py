@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_trt.engine_dir import ENGINE_CONFIG, LLMAPI_BACKEND
-from kimi_trt.errors import ConfigError, MissingCapability
+from kimi_trt.errors import ConfigError, MissingCapability, UserError
 from kimi_trt.llmapi.options import OPTIONS_FILE, read_options
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info
@@ -157,6 +157,7 @@ class LlmApiEngine:
     """The Engine interface over `tensorrt_llm.LLM` (rank 0) or an MPI worker (ranks > 0)."""
 
     backend = LLMAPI_BACKEND
+    supports_constraints = False  # per-request token constraints: the torch executor only
     precision = "bf16"
 
     def __init__(self, d: LlmApiDir, llm, rank: int, tokenizer):
@@ -184,8 +185,11 @@ class LlmApiEngine:
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         on_token: OnToken | None = None,
+        constraints: list | None = None,
     ) -> list[GenerationResult]:
         """Every prompt submitted at once (TensorRT-LLM batches them in flight), streamed."""
+        if constraints and any(c is not None for c in constraints):
+            raise UserError("constrained decoding is not available on the LLM API backend")
         plist = sampling_params_list(prompts, params)
         self.validate_prompts(prompts, plist)
         results = [GenerationResult(prompt_tokens=list(p)) for p in prompts]

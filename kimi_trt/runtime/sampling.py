@@ -12,6 +12,10 @@ and -inf (never NaN) for the others; the most likely token always survives the t
 (top_p = 1e-300 keeps exactly it), so the distribution handed to `multinomial` always
 has mass. Logits holding NaN or +inf (a broken model) raise `SamplingError` for that
 request alone.
+
+A request may carry a `TokenConstraint` (grammar-constrained tool calls, JSON output): the
+serving layer builds it, the runtime only asks it which ids may come next and tells it
+which id was chosen, so the runtime never imports chat or serving code.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import numbers
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -114,3 +119,37 @@ def sample_token(
         sorted_p = sorted_p.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TokenConstraint(Protocol):
+    """A per-request restriction of the next token, built outside the runtime.
+
+    `allowed()` is asked right before each of the request's tokens is chosen: a bool
+    tensor over (a prefix of) the vocabulary, True where the id may come next, or None
+    for no restriction at this step. `accept(token)` is told the id that was chosen
+    (stop ids included), so the constraint can advance its state.
+    """
+
+    def allowed(self) -> torch.Tensor | None: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+def constrain_logits(logits: torch.Tensor, constraint: TokenConstraint | None) -> torch.Tensor:
+    """`logits` [V] with the ids the constraint forbids set to -inf (ids past its mask too).
+
+    A mask that allows nothing leaves the logits as they are: a broken constraint must not
+    make the sampler divide by zero for every request in the batch.
+    """
+    if constraint is None:
+        return logits
+    mask = constraint.allowed()
+    if mask is None:
+        return logits
+    n = min(mask.shape[-1], logits.shape[-1])
+    if not bool(mask[:n].any()):
+        return logits
+    out = logits.clone()
+    out[n:] = float("-inf")
+    out[:n].masked_fill_(~mask[:n], float("-inf"))
+    return out

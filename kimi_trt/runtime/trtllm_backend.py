@@ -17,7 +17,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from kimi_trt.errors import ConfigError, MissingCapability
+from kimi_trt.errors import ConfigError, MissingCapability, UserError
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info
 from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
@@ -71,6 +71,7 @@ class TrtllmEngine:
 
     backend = "trtllm"
     precision = "bf16"
+    supports_constraints = False  # per-request token constraints: the torch executor only
 
     def __init__(self, trtllm, executor, rank, world, build, pretrained, tokenizer):
         self._trtllm = trtllm
@@ -113,7 +114,10 @@ class TrtllmEngine:
         prompts: list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         on_token: OnToken | None = None,
+        constraints: list | None = None,
     ) -> list[GenerationResult]:
+        if constraints and any(c is not None for c in constraints):
+            raise UserError("constrained decoding is not available on TensorRT-LLM engines")
         plist = sampling_params_list(prompts, params)
         self.validate_prompts(prompts, plist)
         ids = self._executor.enqueue_requests(

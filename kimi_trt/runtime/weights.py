@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from kimi_trt.checksum import manifest_algorithm
 from kimi_trt.convert.formats import decode_weight
-from kimi_trt.convert.manifest import manifest_algorithm, manifest_files
+from kimi_trt.convert.manifest import manifest_files
 from kimi_trt.convert.rank_checkpoint import (
     MANIFEST_NAME,
     RankCheckpointConfig,
@@ -26,6 +27,7 @@ from kimi_trt.convert.weight_table import rank_tensor_specs
 from kimi_trt.errors import CheckpointError
 from kimi_trt.json_files import read_json
 from kimi_trt.runtime.integrity import verify_file
+from kimi_trt.torch_bridge import to_numpy, to_torch
 
 
 def _check_manifest(cfg: RankCheckpointConfig, rank: int, verify_checksum: bool) -> None:
@@ -81,7 +83,11 @@ def load_rank_weights(
         try:
             if t.rule.kind == "linear":
                 fmt = cfg.formats.for_class(t.cls)
-                value = decode_weight(f.get_tensor, t.name, fmt, cfg.weight_block_size)
+                value = to_torch(
+                    decode_weight(
+                        lambda n: to_numpy(f.get_tensor(n)), t.name, fmt, cfg.weight_block_size
+                    )
+                )
             else:
                 value = f.get_tensor(t.name)
         except Exception as e:

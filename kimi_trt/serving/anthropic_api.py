@@ -2,13 +2,16 @@
 
 Requests are translated to the chat form the template takes: `system` -> a system turn,
 `text` blocks -> content, `tool_use` blocks -> assistant `tool_calls`, `tool_result`
-blocks -> tool turns (before the user's text of that message), `tools[].input_schema` ->
-function parameters. Temperature is mapped as Moonshot's Anthropic-compatible API does:
+blocks -> tool turns (before the user's text of that message; a result for an id no
+earlier tool_use carried is a 400), `tools[].input_schema` -> function parameters (kept
+in the prompt under tool_choice "none"). tool_choice any / tool / none and
+`output_config.format` (json_schema) are enforced while decoding, as on the OpenAI side. Temperature is mapped as Moonshot's Anthropic-compatible API does:
 the sampler's temperature = requested x 0.6 (Anthropic's range 0..1 onto Kimi's
 recommended 0..0.6; no temperature -> 0.6).
 
 Responses: content blocks `text` and `tool_use` (`input` is the parsed JSON arguments),
-stop_reason end_turn / max_tokens / stop_sequence / tool_use. Streaming sends
+stop_reason end_turn / max_tokens / stop_sequence / tool_use, and `tool_use_truncated`
+when a tool call was cut by max_tokens. Streaming sends
 message_start, content_block_start/delta/stop per block (text_delta, input_json_delta),
 message_delta (stop_reason, usage) and message_stop, as named SSE events.
 """
@@ -26,10 +29,18 @@ from kimi_trt.chat.tool_parser import (
     ToolCallEnd,
     ToolCallStart,
 )
+from kimi_trt.serving.anthropic_schemas import (
+    AnthropicMessagesRequest,
+    Message,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+)
 from kimi_trt.serving.openai_api import (
     ServerState,
     chat_prompt,
     check_model,
+    output_spec,
     sampling_params,
 )
 from kimi_trt.serving.pipeline import (
@@ -38,56 +49,44 @@ from kimi_trt.serving.pipeline import (
     generate_events,
     generate_output,
 )
-from kimi_trt.serving.schemas import AnthropicMessagesRequest, APIError
+from kimi_trt.serving.schemas import APIError
 
 TEMPERATURE_SCALE = 0.6
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def _text_of(content: Any, where: str) -> str:
+def _text_of(content: str | list[TextBlock]) -> str:
     """A plain string from a string or a list of text blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for i, block in enumerate(content):
-            if not isinstance(block, dict) or block.get("type") != "text":
-                raise APIError(400, f"{where}[{i}]: only text blocks are supported here")
-            parts.append(str(block.get("text", "")))
-        return "".join(parts)
-    raise APIError(400, f"{where}: expected a string or a list of text blocks")
+    return content if isinstance(content, str) else "".join(b.text for b in content)
 
 
-def _message_turns(i: int, message: dict[str, Any]) -> list[dict[str, Any]]:
-    role, content = message.get("role"), message.get("content")
-    if role not in ("user", "assistant"):
-        raise APIError(400, f"messages[{i}].role must be user or assistant", param="messages")
+def _message_turns(i: int, message: Message, known_ids: set[str]) -> list[dict[str, Any]]:
+    role, content = message.role, message.content
     if isinstance(content, str):
         return [{"role": role, "content": content}]
-    if not isinstance(content, list):
-        raise APIError(400, f"messages[{i}].content: expected a string or a list of blocks")
     text, calls, results = [], [], []
     for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
         where = f"messages[{i}].content[{j}]"
-        if kind == "text":
-            text.append(str(block.get("text", "")))
-        elif kind == "tool_use" and role == "assistant":
-            arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
-            calls.append(
-                {
-                    "id": block.get("id"),
-                    "type": "function",
-                    "function": {"name": block.get("name"), "arguments": arguments},
-                }
-            )
-        elif kind == "tool_result" and role == "user":
-            body = _text_of(block.get("content", ""), f"{where}.content")
-            results.append(
-                {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": body}
-            )
+        if isinstance(block, TextBlock):
+            text.append(block.text)
+        elif isinstance(block, ToolUseBlock) and role == "assistant":
+            arguments = json.dumps(block.input, ensure_ascii=False)
+            function = {"name": block.name, "arguments": arguments}
+            calls.append({"id": block.id, "type": "function", "function": function})
+            known_ids.add(block.id)
+        elif isinstance(block, ToolResultBlock) and role == "user":
+            if block.tool_use_id not in known_ids:
+                raise APIError(
+                    400,
+                    f"{where}.tool_use_id: {block.tool_use_id!r} matches no earlier tool_use block",
+                    param="messages",
+                )
+            content = _text_of(block.content)
+            results.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
         else:
-            raise APIError(400, f"{where}: unsupported block type {kind!r} for role {role}")
+            raise APIError(
+                400, f"{where}: a {block.type} block cannot be in a {role} message", "messages"
+            )
     if role == "assistant":
         turn: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
         if calls:
@@ -100,18 +99,19 @@ def to_chat(req: AnthropicMessagesRequest) -> tuple[list[dict], list[dict] | Non
     """Anthropic messages + tools -> OpenAI-style chat messages + tools."""
     messages: list[dict[str, Any]] = []
     if req.system:
-        messages.append({"role": "system", "content": _text_of(req.system, "system")})
+        messages.append({"role": "system", "content": _text_of(req.system)})
+    known_ids: set[str] = set()
     for i, message in enumerate(req.messages):
-        messages += _message_turns(i, message)
+        messages += _message_turns(i, message, known_ids)
     tools = None
-    if req.tools and (req.tool_choice or {}).get("type") != "none":
+    if req.tools:
         tools = [
             {
                 "type": "function",
                 "function": {
-                    "name": t.get("name"),
-                    "description": t.get("description", ""),
-                    "parameters": t.get("input_schema", {"type": "object"}),
+                    "name": t.name,
+                    "description": t.description or "",
+                    "parameters": t.input_schema,
                 },
             }
             for t in req.tools
@@ -132,8 +132,27 @@ def build_messages(state: ServerState, req: AnthropicMessagesRequest, received: 
     params = sampling_params(
         state, prompt, req.max_tokens, temperature, req.top_p, req.top_k, req.seed
     )
-    allow_tools = tools is not None
-    return GenerationRequest(prompt, params, req.stop_sequences or [], True, allow_tools, received)
+    choice = req.tool_choice_name
+    spec = output_spec(
+        state,
+        tools,
+        choice,
+        req.parallel_tool_calls,
+        req.response_format,
+        req.constrain_tool_calls,
+        messages,
+    )
+    return GenerationRequest(
+        prompt,
+        params,
+        req.stop_sequences or [],
+        parse_tools=req.response_format is None,
+        allow_tools=choice != "none",
+        received_at=received,
+        tool_schemas={t.name: t.input_schema for t in req.tools or ()},
+        output=spec,
+        skip_special=req.skip_special_tokens,
+    )
 
 
 def _stop(finish: Finish) -> tuple[str, str | None]:
@@ -155,6 +174,7 @@ def _message(
     stop_reason: str | None,
     stop_sequence: str | None,
     usage: dict[str, int],
+    truncated: bool = False,
 ) -> dict[str, Any]:
     """An assistant Message object: the whole response, or the stream's message_start."""
     return {
@@ -166,6 +186,7 @@ def _message(
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": usage,
+        "tool_use_truncated": truncated,
     }
 
 
@@ -186,7 +207,7 @@ async def messages_response(state: ServerState, gen: GenerationRequest) -> dict[
         )
     stop_reason, stop_sequence = _stop(finish)
     usage = {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens}
-    return _message(state, content, stop_reason, stop_sequence, usage)
+    return _message(state, content, stop_reason, stop_sequence, usage, finish.truncated_tool_call)
 
 
 def event(kind: str, data: dict[str, Any]) -> str:
@@ -240,7 +261,11 @@ async def messages_stream(state: ServerState, gen: GenerationRequest) -> AsyncIt
             for line in blocks.close():
                 yield line
             stop_reason, stop_sequence = _stop(ev)
-            delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+            delta = {
+                "stop_reason": stop_reason,
+                "stop_sequence": stop_sequence,
+                "tool_use_truncated": ev.truncated_tool_call,
+            }
             usage = {"output_tokens": ev.completion_tokens}
             yield event("message_delta", {"delta": delta, "usage": usage})
             yield event("message_stop", {})

@@ -1,6 +1,7 @@
 """Where the API server's tokens come from: the runtime in this process, or a Triton server.
 
-Both backends take prompt token ids + SamplingParams and return a `TokenStream`, an async
+Both backends take prompt token ids + SamplingParams (+ an optional OutputSpec, the
+request's decoding constraint) and return a `TokenStream`, an async
 iterator of generated ids that ends with `finish_reason` set ("stop", "length",
 "cancelled") or raises the backend's error. `stream.cancel()` (client gone, stop string
 seen) ends the request in the backend and frees its slot:
@@ -12,7 +13,8 @@ seen) ends the request in the backend and frees its slot:
   the repository's `kimi` model (torch executor) or `tensorrt_llm` model (TensorRT-LLM
   engines); cancelling the request cancels its gRPC call, which Triton passes on to the
   model. Tokenising, chat templates and tool parsing stay in the API server, so both
-  backends behave the same.
+  backends behave the same; the OutputSpec travels as the `output_spec` JSON input and the
+  `kimi` model builds the same constraint (the `tensorrt_llm` model cannot constrain).
 Each backend's `health()` (None = ok, else the reason) is what `/health` reports: the
 runtime's job state, or whether Triton calls the model ready.
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from kimi_trt.chat.constraint import ConstraintFactory, OutputSpec
 from kimi_trt.errors import UserError
 from kimi_trt.runtime.comm import PeerFailure
 from kimi_trt.runtime.sampling import SamplingParams
@@ -102,6 +105,8 @@ class InProcessBackend:
         self.max_input_len = engine.max_input_len
         self.batcher = EngineBatcher(engine, window_s=window_s)
         self.description = "in-process runtime"
+        self.constraints = ConstraintFactory(engine.tokenizer)
+        self.supports_constraints = bool(getattr(engine, "supports_constraints", False))
         # called with (finish_reason, generated tokens) as the runtime ends each request
         self.observer: Callable[[str, int], None] | None = None
         # called once, from a runtime thread, when the multi-rank job breaks
@@ -138,10 +143,13 @@ class InProcessBackend:
         """Requests queued or generating (the queue-depth metric)."""
         return self.batcher.waiting + self.batcher.running
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> TokenStream:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, output: OutputSpec | None = None
+    ) -> TokenStream:
         from kimi_trt.serving.batcher import BatchRequest
 
         stream = TokenStream(len(prompt))
+        constraint = self.constraints.build(output) if output is not None else None
 
         def on_token(token: int) -> bool:
             if stream.cancelled:
@@ -157,7 +165,7 @@ class InProcessBackend:
                 error = (BackendUnavailable if broken else BackendError)(str(error))
             stream.finish(result.finish_reason if result is not None else None, error)
 
-        request = BatchRequest(list(prompt), params, on_token, on_done)
+        request = BatchRequest(list(prompt), params, on_token, on_done, constraint)
         stream._on_cancel = request.cancel
         self.batcher.submit(request)
         return stream
@@ -179,6 +187,8 @@ class TritonBackend:
         # `kimi` interface (torch executor, and the llmapi repository's model) does not
         self.batched = summary.kind == "trtllm"
         self.description = f"Triton at {self.url}, model {self.model}"
+        self.constraints = ConstraintFactory(tokenizer)  # checks specs; the model builds them
+        self.supports_constraints = summary.kind == "torch"  # the kimi model on our runtime
         self._client = None
         self._active = 0
 
@@ -220,7 +230,9 @@ class TritonBackend:
             return f"Triton at {self.url} is not reachable: {e}"
         return None if ready else f"Triton at {self.url}: model {self.model!r} is not ready"
 
-    def _inputs(self, prompt: list[int], params: SamplingParams) -> list:
+    def _inputs(
+        self, prompt: list[int], params: SamplingParams, output: OutputSpec | None = None
+    ) -> list:
         import tritonclient.grpc as grpcclient
 
         batched = self.batched
@@ -239,6 +251,8 @@ class TritonBackend:
         ]
         if params.seed is not None:
             values.append(("seed", np.asarray([params.seed], dtype=np.uint64)))
+        if output is not None:
+            values.append(("output_spec", np.asarray([output.to_json().encode()], dtype=object)))
         if batched:
             values.append(("input_lengths", np.asarray([len(prompt)], dtype=np.int32)))
             if stops:
@@ -257,14 +271,22 @@ class TritonBackend:
             out.append(tensor)
         return out
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> TokenStream:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, output: OutputSpec | None = None
+    ) -> TokenStream:
         stream = TokenStream(len(prompt))
-        task = asyncio.get_running_loop().create_task(self._run(stream, prompt, params))
+        task = asyncio.get_running_loop().create_task(self._run(stream, prompt, params, output))
         stream._on_cancel = task.cancel
         return stream
 
-    async def _run(self, stream: TokenStream, prompt: list[int], params: SamplingParams) -> None:
-        request = {"model_name": self.model, "inputs": self._inputs(prompt, params)}
+    async def _run(
+        self,
+        stream: TokenStream,
+        prompt: list[int],
+        params: SamplingParams,
+        output: OutputSpec | None,
+    ) -> None:
+        request = {"model_name": self.model, "inputs": self._inputs(prompt, params, output)}
 
         async def requests():
             yield request

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from kimi_trt.errors import UserError
 from kimi_trt.runtime.comm import PeerFailure
 from kimi_trt.runtime.generate import GenerationResult
-from kimi_trt.runtime.sampling import SamplingParams
+from kimi_trt.runtime.sampling import SamplingParams, TokenConstraint
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,14 @@ DoneCallback = Callable[["GenerationResult | None", "BaseException | None"], Non
 @dataclass
 class BatchRequest:
     """One prompt to continue. `on_token(id)` streams (False cancels); `on_done(result, error)`
-    is called exactly once: with the result (finish_reason stop/length/cancelled) or an error."""
+    is called exactly once: with the result (finish_reason stop/length/cancelled) or an error.
+    `constraint` (optional) restricts its tokens (runtime/sampling.TokenConstraint)."""
 
     prompt: list[int]
     params: SamplingParams
     on_token: TokenCallback
     on_done: DoneCallback
+    constraint: TokenConstraint | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
 
@@ -167,7 +169,10 @@ class EngineBatcher:
             self._running = len(batch)
         try:
             results = self.engine.generate(
-                [r.prompt for r in batch], [r.params for r in batch], on_token=on_token
+                [r.prompt for r in batch],
+                [r.params for r in batch],
+                on_token=on_token,
+                constraints=[r.constraint for r in batch],
             )
             for i, (req, result) in enumerate(zip(batch, results, strict=True)):
                 done[i] = True

@@ -3,8 +3,10 @@
 Each app gets its own registry, so several servers in one process (tests) do not mix.
 Names follow the usual LLM-server set (vLLM, TensorRT-LLM): requests by endpoint and
 status, prompt/generated token counters, time to first token, inter-token latency,
-end-to-end latency, finish reasons, and the queue depth (requests queued or generating
-in the backend) read at scrape time.
+end-to-end latency, finish reasons, the queue depth (requests queued or generating in
+the backend) read at scrape time, and tool-call outcomes: valid, repaired (the parser
+mended the call's form), invalid (an undeclared function, arguments that are not JSON or
+not valid against the schema) and truncated (cut by max_tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PREFIX = "kimi_trt_"
+TOOL_CALL_OUTCOMES = ("valid", "repaired", "invalid", "truncated")
 
 
 class RequestTimer:
@@ -78,6 +81,14 @@ class ServerMetrics:
             "Tokens the in-process runtime generated, read by a client or not",
             registry=r,
         )
+        self.tool_call_outcomes = Counter(
+            PREFIX + "tool_calls",
+            "Tool calls in generated output by outcome (valid, repaired, invalid, truncated)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in TOOL_CALL_OUTCOMES:
+            self.tool_call_outcomes.labels(outcome=outcome)
         self.in_flight = Gauge(PREFIX + "requests_in_flight", "Generations running", registry=r)
         depth = Gauge(
             PREFIX + "queue_depth", "Requests queued or generating in the backend", registry=r
@@ -94,6 +105,13 @@ class ServerMetrics:
         self.generation_tokens.inc(generated)
         self.finished_requests.labels(reason=reason).inc()
         self.e2e.observe(time.monotonic() - timer.started)
+
+    def tool_calls(self, outcomes: list[str], rejected_headers: int = 0) -> None:
+        """Count one response's calls; a header naming no declared function is invalid."""
+        for outcome in outcomes:
+            self.tool_call_outcomes.labels(outcome=outcome).inc()
+        if rejected_headers:
+            self.tool_call_outcomes.labels(outcome="invalid").inc(rejected_headers)
 
     def backend_done(self, reason: str, tokens: int) -> None:
         self.backend_finished.labels(reason=reason).inc()

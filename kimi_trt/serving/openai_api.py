@@ -1,8 +1,15 @@
 """OpenAI Chat Completions and Completions on top of `pipeline.generate_events`.
 
 Chat prompts are rendered with the checkpoint's chat template (tools declared as Kimi
-expects); the output is parsed for Kimi tool calls, which come back as OpenAI
-`tool_calls` with finish_reason "tool_calls". Streaming follows OpenAI's chunk format:
+expects, also under tool_choice "none", so the prompt prefix does not change); the output
+is parsed for Kimi tool calls of the declared tools, which come back as OpenAI
+`tool_calls` with the ids the model wrote and finish_reason "tool_calls". tool_choice
+(auto / none / required / a named function), parallel_tool_calls and response_format
+(json_object / json_schema) become the request's OutputSpec, enforced while decoding
+(chat/constraint.py); in "auto", calls are constrained once opened unless the server
+runs with --no-constrain-tool-calls or the request sets `constrain_tool_calls: false`.
+A choice whose tool call was cut by max_tokens says so in `tool_call_truncated`.
+Streaming follows OpenAI's chunk format:
 a first chunk with the role, content deltas, tool calls as `{index, id, type, function:
 {name, arguments: ""}}` then argument pieces, a last chunk with the finish_reason, an
 optional usage chunk (`stream_options.include_usage`), then `data: [DONE]`.
@@ -17,6 +24,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from kimi_trt.chat.constraint import ConstraintFactory, OutputSpec, tool_specs
+from kimi_trt.chat.template import history_call_count
 from kimi_trt.chat.tool_parser import (
     ContentDelta,
     ToolCallArgumentsDelta,
@@ -47,10 +56,15 @@ class ServerState:
     max_seq_len: int
     default_max_tokens: int = 1024
     max_body_bytes: int = 16 * 2**20
+    constrain_tool_calls: bool = True  # the server's default for tool_choice "auto"
 
     @property
     def tokenizer(self) -> Any:
         return self.backend.tokenizer
+
+    @property
+    def constraints(self) -> ConstraintFactory:
+        return self.backend.constraints
 
 
 def check_model(state: ServerState, model: str) -> None:
@@ -104,17 +118,75 @@ def chat_prompt(state: ServerState, messages, tools) -> list[int]:
         raise APIError(400, str(e), param="messages") from None
 
 
+def output_spec(
+    state: ServerState,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str,
+    parallel: bool | None,
+    response_format: dict[str, Any] | None,
+    constrain: bool | None,
+    messages: list[dict[str, Any]],
+) -> OutputSpec | None:
+    """The request's output constraint (None: unconstrained), checked before it runs."""
+    spec = OutputSpec(
+        tools=tool_specs(tools),
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel is not False,
+        response_format=response_format,
+        constrain_tool_calls=state.constrain_tool_calls if constrain is None else constrain,
+        first_call_index=history_call_count(messages),
+    )
+    if spec.is_unconstrained:
+        return None
+    if not state.backend.supports_constraints:
+        if spec.needs_grammar_at_start:
+            param = "response_format" if response_format is not None else "tool_choice"
+            raise APIError(
+                400, f"{param}: {state.backend.description} cannot constrain decoding", param=param
+            )
+        return None  # "auto"/"none" fall back to parsing only
+    try:
+        state.constraints.check(spec)
+    except UserError as e:
+        param = str(e).split("[", 1)[0].split(":", 1)[0].split(".", 1)[0]
+        raise APIError(400, str(e), param=param) from None
+    return spec
+
+
 def build_chat(
     state: ServerState, req: ChatCompletionRequest, received: float
 ) -> GenerationRequest:
     check_model(state, req.model)
-    allow_tools = req.tool_choice != "none"
-    prompt = chat_prompt(state, req.messages, req.tools if allow_tools else None)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    prompt = chat_prompt(state, messages, tools)
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(
         state, prompt, max_tokens, req.temperature, req.top_p, req.top_k, req.seed
     )
-    return GenerationRequest(prompt, params, req.stop, True, allow_tools, received)
+    response_format = req.response_format.spec() if req.response_format else None
+    choice = req.tool_choice_name
+    spec = output_spec(
+        state,
+        tools,
+        choice,
+        req.parallel_tool_calls,
+        response_format,
+        req.constrain_tool_calls,
+        messages,
+    )
+    schemas = {t.name: t.parameters for t in tool_specs(tools)}
+    return GenerationRequest(
+        prompt,
+        params,
+        req.stop,
+        parse_tools=response_format is None,
+        allow_tools=choice != "none",
+        received_at=received,
+        tool_schemas=schemas,
+        output=spec,
+        skip_special=req.skip_special_tokens,
+    )
 
 
 def build_completion(
@@ -129,7 +201,9 @@ def build_completion(
     params = sampling_params(
         state, prompt, req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed
     )
-    return GenerationRequest(prompt, params, req.stop, False, False, received)
+    return GenerationRequest(
+        prompt, params, req.stop, False, False, received, skip_special=req.skip_special_tokens
+    )
 
 
 def _usage(finish: Finish) -> dict[str, int]:
@@ -155,6 +229,11 @@ def _choice(finish_reason: str | None, **fields: Any) -> dict[str, Any]:
     return {"index": 0, **fields, "finish_reason": finish_reason, "logprobs": None}
 
 
+def _finished_choice(finish: Finish, **fields: Any) -> dict[str, Any]:
+    """A chat choice that ends: with the flag for a tool call cut by max_tokens."""
+    return {**_choice(finish.reason, **fields), "tool_call_truncated": finish.truncated_tool_call}
+
+
 async def chat_response(state: ServerState, gen: GenerationRequest) -> dict[str, Any]:
     parsed, finish = await generate_output(state.backend, gen, state.metrics)
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
@@ -162,7 +241,7 @@ async def chat_response(state: ServerState, gen: GenerationRequest) -> dict[str,
         message["tool_calls"] = parsed.tool_calls
     return {
         **_envelope(state, "chatcmpl", "chat.completion"),
-        "choices": [_choice(finish.reason, message=message)],
+        "choices": [_finished_choice(finish, message=message)],
         "usage": _usage(finish),
     }
 
@@ -189,15 +268,15 @@ async def chat_stream(
 ) -> AsyncIterator[str]:
     base = _envelope(state, "chatcmpl", "chat.completion.chunk")
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return sse({**base, "choices": [_choice(finish, delta=delta)]})
+    def chunk(delta: dict[str, Any]) -> str:
+        return sse({**base, "choices": [_choice(None, delta=delta)]})
 
     yield chunk({"role": "assistant", "content": ""})
     async for event in generate_events(state.backend, gen, state.metrics):
         if isinstance(event, ContentDelta):
             yield chunk({"content": event.text})
         elif isinstance(event, Finish):
-            yield chunk({}, event.reason)
+            yield sse({**base, "choices": [_finished_choice(event, delta={})]})
             if include_usage:
                 yield sse({**base, "choices": [], "usage": _usage(event)})
         elif (delta := _tool_delta(event)) is not None:

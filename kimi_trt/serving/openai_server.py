@@ -8,7 +8,8 @@ repository `kimi-trt triton-repo` made for the same engine dir; `--triton auto` 
 repository and starts the bundled tritonserver itself, for the life of the API server.
 
 Errors use the caller's API style with the right status: 400 for invalid JSON, bad
-parameters and prompts longer than the engine's max input; 404 for an unknown model;
+parameters (strictly typed, unknown ones refused: schemas.py) and prompts longer than the
+engine's max input; 404 for an unknown model;
 413 for a body over --max-body-mb; 500 when the backend fails a request; 503 once the
 backend cannot serve at all (a multi-rank job lost a rank: `/health` then says so too,
 and the server exits non-zero after FAILURE_GRACE_S, ending the job). A client that
@@ -18,13 +19,14 @@ one that disconnects while still sending is logged in one line, not as an error.
 The event loop only moves bytes: parsing, validation, chat-template rendering and
 tokenizing run in a worker thread, so a large body never stalls `/health` or other
 requests' streams.
+Every refused request is logged in one line. Tool calls in "auto" mode are constrained by
+default (`--no-constrain-tool-calls` leaves them to the model, parsed afterwards).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -38,14 +40,15 @@ from pydantic import ValidationError
 
 from kimi_trt.errors import UserError
 from kimi_trt.serving import anthropic_api, openai_api
+from kimi_trt.serving.anthropic_schemas import AnthropicMessagesRequest
 from kimi_trt.serving.backends import BackendError, BackendUnavailable
 from kimi_trt.serving.metrics import ServerMetrics
 from kimi_trt.serving.openai_api import ServerState
 from kimi_trt.serving.schemas import (
-    AnthropicMessagesRequest,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    parse_body,
     validation_error,
 )
 from kimi_trt.serving.transport import DEFAULT_MAX_BODY_MB, listen_socket, read_body
@@ -75,19 +78,7 @@ def _as_api_error(exc: Exception) -> APIError:
 
 
 def _json_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise APIError(
-            400,
-            f"We could not parse the JSON body of your request ({e.msg} at position {e.pos})",
-            code="invalid_json",
-        ) from None
-    except UnicodeDecodeError:
-        raise APIError(400, "The request body is not UTF-8 JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object", code="invalid_json")
-    return body
+    return parse_body(raw)
 
 
 async def _guarded(stream: AsyncIterator[str], style: str) -> AsyncIterator[str]:
@@ -142,6 +133,8 @@ class Endpoint:
             err = _as_api_error(exc)
             if err.status >= 500 and err.status != 503:
                 log.exception("%s failed", self.name)
+            else:
+                log.warning("%s %d: %s", self.name, err.status, err.message[:300])
             state.metrics.count(self.name, err.status)
             return JSONResponse(_error_body(err, self.style), status_code=err.status)
         state.metrics.count(self.name, 200)
@@ -310,7 +303,10 @@ def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]
         max_seq_len,
         options["default_max_tokens"],
         int(options["max_body_mb"] * 2**20),
+        options["constrain_tool_calls"],
     )
+    if state.constrain_tool_calls and not backend.supports_constraints:
+        log.warning("%s cannot constrain decoding: tool calls are parsed only", backend.description)
 
     async def startup():
         if hasattr(backend, "start"):
@@ -344,6 +340,7 @@ def serve(
     default_max_tokens: int = 1024,
     log_level: str = "info",
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    constrain_tool_calls: bool = True,
 ) -> None:
     """Run the API server until interrupted (every rank calls this under mpirun)."""
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception so the
@@ -357,6 +354,7 @@ def serve(
         "default_max_tokens": default_max_tokens,
         "log_level": log_level,
         "max_body_mb": max_body_mb,
+        "constrain_tool_calls": constrain_tool_calls,
     }
     if triton_url:
         options["socket"] = listen_socket(host, port)

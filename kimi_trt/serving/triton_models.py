@@ -4,7 +4,9 @@
   each request streams one response per generated token (`output_ids`, `text_output`
   delta) and ends with a final response carrying `finish_reason`; with `streaming=false`
   it sends everything in one response. Requests from all clients go through one
-  EngineBatcher, so concurrent requests share `generate` calls. A client that cancels
+  EngineBatcher, so concurrent requests share `generate` calls. An optional `output_spec`
+  (chat/constraint.OutputSpec as JSON) makes the model build the request's decoding
+  constraint, exactly as the API server's in-process backend does. A client that cancels
   (gRPC stream closed, `response_sender.is_cancelled()`) ends its request in the runtime.
   Multi-rank engine dirs: this model runs in rank 0's tritonserver (leader mode, see
   triton_server.py); the other ranks follow in `kimi-trt triton-worker`.
@@ -109,7 +111,8 @@ class _Responder:
         self.sender = sender
         self.streaming = streaming
         self.metrics = metrics
-        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        # text_output leaves special tokens out (as peers do); output_ids has every id
+        self.detok = tokenizer.detokenizer(skip_special=True) if tokenizer is not None else None
         self.tokens: list[int] = []
         self.text = ""
 
@@ -178,6 +181,20 @@ class KimiEngineModel:
         window = float(params.get("batch_window_ms", "5")) / 1000.0
         self.batcher = EngineBatcher(self.engine, window_s=window)
         self.metrics = _EngineMetrics()
+        self.constraints = None  # a ConstraintFactory, made for the first constrained request
+
+    def _constraint(self, request):
+        """The request's decoding constraint from its `output_spec` input (None without one)."""
+        spec = _optional(request, "output_spec")
+        if spec is None or spec.size == 0:
+            return None
+        from kimi_trt.chat.constraint import ConstraintFactory, OutputSpec
+
+        if self.tokenizer is None or not getattr(self.engine, "supports_constraints", False):
+            raise UserError("output_spec: this engine cannot constrain decoding")
+        if self.constraints is None:
+            self.constraints = ConstraintFactory(self.tokenizer)
+        return self.constraints.build(OutputSpec.from_json(_text(spec.reshape(-1)[0])))
 
     def _prompt(self, request) -> list[int]:
         ids = _optional(request, "input_ids")
@@ -198,10 +215,13 @@ class KimiEngineModel:
         responder = _Responder(sender, self.tokenizer, streaming, self.metrics)
         try:
             prompt, params = self._prompt(request), sampling_from_request(request)
+            constraint = self._constraint(request)
         except (UserError, ValueError, TypeError, OverflowError) as e:
             responder.on_done(None, UserError(str(e)))
             return
-        self.batcher.submit(BatchRequest(prompt, params, responder.on_token, responder.on_done))
+        self.batcher.submit(
+            BatchRequest(prompt, params, responder.on_token, responder.on_done, constraint)
+        )
 
     def execute(self, requests):
         """Hand each request to the batcher and return at once (responses come from its thread).

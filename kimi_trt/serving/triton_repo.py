@@ -88,6 +88,7 @@ TORCH_INPUTS = [
     io("seed", "UINT64", [1], optional=True),
     io("stop_token_ids", "INT32", [-1], optional=True),
     io("streaming", "BOOL", [1], optional=True),
+    io("output_spec", "STRING", [1], optional=True),  # chat/constraint.OutputSpec as JSON
 ]
 TORCH_OUTPUTS = [
     io("output_ids", "INT32", [-1]),

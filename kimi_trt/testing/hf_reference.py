@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from kimi_trt.config import ModelConfig, load_model_config
 from kimi_trt.convert.fp8 import FP8_DTYPE, dequantize_block
+from kimi_trt.torch_bridge import to_numpy, to_torch, torch_dtype
 
 
 def transformers_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
@@ -56,10 +57,9 @@ def load_dequantized_state(ckpt: Path) -> dict[str, torch.Tensor]:
     for k, v in raw.items():
         if k.endswith("weight_scale_inv") or k.endswith("rotary_emb.inv_freq"):
             continue
-        if v.dtype == FP8_DTYPE:
-            v = dequantize_block(
-                v, raw[k[: -len("weight")] + "weight_scale_inv"], cfg.weight_block_size
-            )
+        if v.dtype == torch_dtype(FP8_DTYPE):
+            scale = raw[k[: -len("weight")] + "weight_scale_inv"]
+            v = to_torch(dequantize_block(to_numpy(v), to_numpy(scale), cfg.weight_block_size))
         out[k] = v.to(torch.float32)
     return out
 

@@ -5,7 +5,10 @@ prompt with the checkpoint's chat template, generate greedily, parse the output 
 Kimi tool-call parser, execute the call with the deterministic tools, send the result back
 and generate the final answer. `generate` is any function from prompt ids to output ids
 (transformers, or our runtime under mpirun), so both are judged by identical code.
-`summarise` turns the per-case records into the issue's figures and targets.
+With constrained=True each prompt also carries its OutputSpec (chat/constraint.py: the
+declared tools, the dialogue's call counter) and `generate(prompts, max_new, specs)` must
+decode under it. `summarise` turns the per-case records into the issue's figures and
+targets; a call is schema-valid when its arguments pass `jsonschema` for the declared tool.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
+from kimi_trt.chat.constraint import OutputSpec, tool_specs
+from kimi_trt.chat.template import history_call_count
 from kimi_trt.chat.tokenizer import KimiTokenizer
 from kimi_trt.chat.tool_parser import parse_tool_call_ids
-from kimi_trt.tinymodel.catalogue import TOOL_NAMES, ToolArgumentError, run_tool
+from kimi_trt.tinymodel.catalogue import TOOL_NAMES, TOOLS, ToolArgumentError, run_tool
 from kimi_trt.tinymodel.corpus import EvalCase, eval_cases
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "tiny-kimi"
@@ -30,7 +37,8 @@ TARGETS = {
     "exact_args_heldout_values": 0.80,
     "answers_restate_result": 0.90,
 }
-Generate = Callable[[list[list[int]], int], list[tuple[list[int], str]]]
+# generate(prompts, max_new) or, constrained, generate(prompts, max_new, specs)
+Generate = Callable[..., list[tuple[list[int], str]]]
 
 
 def select_cases(limit: int = 0) -> list[EvalCase]:
@@ -42,8 +50,21 @@ def select_cases(limit: int = 0) -> list[EvalCase]:
     return [cases[int(i * step)] for i in range(limit)]
 
 
+SCHEMAS = {t.name: t.parameters for t in tool_specs(TOOLS)}
+
+
+def _schema_valid(name: str | None, args: Any) -> bool:
+    schema = SCHEMAS.get(name) if name is not None else None
+    return schema is not None and Draft202012Validator(schema).is_valid(args)
+
+
+def output_spec(messages: list[dict], tools: list[dict] | None) -> OutputSpec:
+    """A request's constraint as the server builds it for tool_choice "auto"."""
+    return OutputSpec(tools=tool_specs(tools), first_call_index=history_call_count(messages))
+
+
 def _judge_call(case: EvalCase, ids: list[int], finish: str, tok: KimiTokenizer) -> dict:
-    parsed = parse_tool_call_ids(ids, tok)
+    parsed = parse_tool_call_ids(ids, tok, [t["function"]["name"] for t in case.tools or ()])
     calls = parsed.tool_calls
     record: dict[str, Any] = {
         "split": case.split,
@@ -65,12 +86,15 @@ def _judge_call(case: EvalCase, ids: list[int], finish: str, tok: KimiTokenizer)
     record["tool"] = calls[0]["function"]["name"] if calls else None
     record["args"] = args
     record["call"] = calls[0] if calls else None
+    record["schema_valid"] = record["well_formed"] and _schema_valid(record["tool"], args)
     record["right_tool"] = record["tool"] == case.expected_tool
     record["exact_args"] = record["right_tool"] and args == case.expected_args
     return record
 
 
-def _answer_prompt(case: EvalCase, record: dict, tok: KimiTokenizer) -> list[int] | None:
+def _answer_prompt(
+    case: EvalCase, record: dict, tok: KimiTokenizer
+) -> tuple[list[int], OutputSpec] | None:
     """The follow-up prompt with the executed tool's result, or None if the call can't run."""
     call = record["call"]
     if call is None or record["tool"] not in TOOL_NAMES or not isinstance(record["args"], dict):
@@ -85,18 +109,26 @@ def _answer_prompt(case: EvalCase, record: dict, tok: KimiTokenizer) -> list[int
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call["id"], "content": outcome.content},
     ]
-    return tok.apply_chat_template(messages, tools=case.tools, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(messages, tools=case.tools, add_generation_prompt=True)
+    return prompt, output_spec(messages, case.tools)
 
 
-def run_dialogues(generate: Generate, checkpoint: Path, cases: list[EvalCase]) -> list[dict]:
+def run_dialogues(
+    generate: Generate, checkpoint: Path, cases: list[EvalCase], constrained: bool = False
+) -> list[dict]:
     """Both turns of every case; one record per case (see `summarise` for the figures)."""
     tok = KimiTokenizer.from_dir(checkpoint)
+
+    def run(prompts: list[list[int]], specs: list[OutputSpec], max_new: int):
+        return generate(prompts, max_new, specs) if constrained else generate(prompts, max_new)
+
     prompts = [tok.apply_chat_template(c.messages, tools=c.tools) for c in cases]
-    first = generate(prompts, MAX_CALL_TOKENS)
+    specs = [output_spec(c.messages, c.tools) for c in cases]
+    first = run(prompts, specs, MAX_CALL_TOKENS)
     records = [_judge_call(c, ids, fin, tok) for c, (ids, fin) in zip(cases, first, strict=True)]
     follow = [(r, _answer_prompt(c, r, tok)) for c, r in zip(cases, records, strict=True)]
     follow = [(r, p) for r, p in follow if p is not None]
-    answers = generate([p for _, p in follow], MAX_ANSWER_TOKENS)
+    answers = run([p[0] for _, p in follow], [p[1] for _, p in follow], MAX_ANSWER_TOKENS)
     for (record, _), (ids, _fin) in zip(follow, answers, strict=True):
         text = tok.decode(ids)
         record["answer"] = text
@@ -122,6 +154,7 @@ def summarise(records: list[dict]) -> dict[str, Any]:
     answered = [r for r in tool if "answer" in r]
     figures = {
         "well_formed_sections": _rate(tool, "well_formed"),
+        "schema_valid_calls": _rate(tool, "schema_valid"),
         "right_tool": _rate(tool, "right_tool"),
         "exact_args_catalogue_unseen_phrasing": _rate(
             by_split["catalogue_unseen_phrasing"], "exact_args"
@@ -146,11 +179,16 @@ def summarise(records: list[dict]) -> dict[str, Any]:
     passed = {
         k: figures[k]["rate"] is not None and figures[k]["rate"] >= t for k, t in TARGETS.items()
     }
+    calls_by_split = {
+        split: {key: _rate(rs, key) for key in ("well_formed", "schema_valid", "exact_args")}
+        for split, rs in by_split.items()
+    }
     return {
         "figures": figures,
         "targets": TARGETS,
         "passed": passed,
         "heldout_exact_args_by_tool": heldout_by_tool,
+        "calls_by_split": calls_by_split,
         "small_talk_without_tool_call": no_tool,
         "cases": len(records),
     }

@@ -7,7 +7,13 @@ generation of both turns of every dialogue (tool call, then the answer after the
 result). --backend hf runs the same dialogues on transformers' DeepseekV3 with the
 checkpoint's dequantised weights (the model itself, without our runtime).
 
-Figures and their targets: well-formed tool-call sections (>= 99%), right tool
+Both modes run in one job (--constraint both, the default): unconstrained decoding, then
+the same dialogues with constrained tool calls (chat/constraint.py, as `kimi-trt serve`
+applies them by default), reported side by side; transformers (--backend hf) runs
+unconstrained only.
+
+Figures and their targets: well-formed tool-call sections (>= 99%), schema-valid calls
+(100% with constraints), right tool
 (>= 95%), exact arguments for catalogue values asked with unseen phrasings (>= 95%), exact
 arguments for the 100 held-out values (>= 80%, reported anyway), final answers restating
 the tool result (>= 90%), and small talk answered without a tool.
@@ -64,10 +70,18 @@ def hf_generator(checkpoint: Path, eos_ids: tuple[int, ...]):
     return generate
 
 
+MODES = {
+    "both": ("unconstrained", "constrained"),
+    "on": ("constrained",),
+    "off": ("unconstrained",),
+}
+
+
 def engine_worker(args: argparse.Namespace) -> int:
     """Runs on every MPI rank (through run_rank: one-line errors, os._exit on success so a
     collective library's teardown can't fail a finished job): rank 0 drives the dialogues,
     the others follow."""
+    from kimi_trt.chat.constraint import ConstraintFactory
     from kimi_trt.chat.tokenizer import KimiTokenizer
     from kimi_trt.runtime.engine import load_engine
     from kimi_trt.runtime.sampling import SamplingParams
@@ -76,21 +90,32 @@ def engine_worker(args: argparse.Namespace) -> int:
     if not engine.is_driver:
         engine.worker_loop()
         return 0
-    stop = KimiTokenizer.from_dir(args.checkpoint).eos_token_ids  # [EOS] and <|im_end|>
+    tokenizer = KimiTokenizer.from_dir(args.checkpoint)
+    stop = tokenizer.eos_token_ids  # [EOS] and <|im_end|>
+    factory = ConstraintFactory(tokenizer)
 
-    def generate(prompts: list[list[int]], max_new: int) -> list[tuple[list[int], str]]:
+    def generate(prompts: list[list[int]], max_new: int, specs=None):
         params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=stop)
-        return [(r.tokens, r.finish_reason) for r in engine.generate(prompts, params)]
+        constraints = [factory.build(s) for s in specs] if specs is not None else None
+        results = engine.generate(prompts, params, constraints=constraints)
+        return [(r.tokens, r.finish_reason) for r in results]
 
     try:
-        records = run_dialogues(generate, Path(args.checkpoint), select_cases(args.limit))
-        Path(args.records).write_text(json.dumps(records))
+        out = {}
+        for mode in MODES[args.constraint]:
+            start = time.time()
+            cases = select_cases(args.limit)
+            records = run_dialogues(
+                generate, Path(args.checkpoint), cases, constrained=mode == "constrained"
+            )
+            out[mode] = {"records": records, "seconds": round(time.time() - start, 1)}
+        Path(args.records).write_text(json.dumps(out))
     finally:
         engine.shutdown()
     return 0
 
 
-def mpirun_records(args: argparse.Namespace, work: Path) -> list[dict]:
+def mpirun_records(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     """Convert to per-rank files, then run the dialogues under mpirun."""
     ckpt = work / "per-rank"
     convert = [
@@ -108,6 +133,7 @@ def mpirun_records(args: argparse.Namespace, work: Path) -> list[dict]:
         sys.executable, "-m", "kimi_trt.tinymodel.evaluate", "--worker",
         "--engine-dir", str(ckpt), "--checkpoint", str(args.checkpoint),
         "--records", str(records), "--limit", str(args.limit or 0),
+        "--constraint", args.constraint,
     ]  # fmt: skip
     subprocess.run(worker, check=True, env=env)
     return json.loads(records.read_text())
@@ -119,6 +145,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="HF checkpoint dir")
     p.add_argument("--backend", choices=("mpirun", "hf"), default="mpirun")
+    p.add_argument(
+        "--constraint",
+        choices=tuple(MODES),
+        help="constrained tool calls: both side by side (default), on, or off (hf: off only)",
+    )
     p.add_argument("--tp", type=int, default=4, help="ranks (attention TP ways)")
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--moe-tp", type=int, default=2)
@@ -147,6 +178,16 @@ def hf_records(checkpoint: Path, limit: int) -> list[dict]:
     )
 
 
+def side_by_side(reports: dict[str, dict]) -> dict[str, dict]:
+    """Each figure's rate in every mode that ran (the issue's constrained-vs-unconstrained view)."""
+    figures = next(iter(reports.values()))["figures"]
+    out = {name: {m: r["figures"][name]["rate"] for m, r in reports.items()} for name in figures}
+    out["small_talk_without_tool_call"] = {
+        m: r["small_talk_without_tool_call"]["rate"] for m, r in reports.items()
+    }
+    return out
+
+
 def agreement(records: list[dict], reference: list[dict]) -> dict:
     """Share of dialogues whose generated call turn / answer are token-identical to the
     transformers run on the same checkpoint (greedy, so they should all be)."""
@@ -169,22 +210,32 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.checkpoint / "config.json").is_file():
         sys.exit(f"error: {args.checkpoint}: no config.json (expected the tiny model checkpoint)")
     t0 = time.time()
+    if args.constraint is None:
+        args.constraint = "off" if args.backend == "hf" else "both"
+    if args.backend == "hf" and args.constraint != "off":
+        sys.exit("error: --backend hf runs unconstrained only (use --constraint off)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.backend == "hf":
-            records = hf_records(args.checkpoint, args.limit)
+            runs = {"unconstrained": {"records": hf_records(args.checkpoint, args.limit)}}
         else:
-            records = mpirun_records(args, args.work or Path(tmp))
-    report = summarise(records)
-    report["seconds"] = round(time.time() - t0, 1)
-    report.update(backend=args.backend, checkpoint=str(args.checkpoint))
+            runs = mpirun_records(args, args.work or Path(tmp))
+    reports = {mode: {**summarise(run["records"]), **run} for mode, run in runs.items()}
+    first = next(iter(reports))
+    report = {k: v for k, v in reports[first].items() if k != "records"}
+    report.update(mode=first, total_seconds=round(time.time() - t0, 1))
+    report.update(backend=args.backend, checkpoint=str(args.checkpoint), limit=args.limit or None)
+    report["side_by_side"] = side_by_side(reports)
+    for mode, other in list(reports.items())[1:]:
+        report[mode] = {k: v for k, v in other.items() if k != "records"}
     if args.backend == "mpirun":
         report["layout"] = {"world": args.tp, "tp": args.tp, "ep": args.ep, "moe_tp": args.moe_tp}
-        if args.compare_hf:
+        if args.compare_hf and "unconstrained" in runs:
             report["agreement_with_transformers"] = agreement(
-                records, hf_records(args.checkpoint, args.limit)
+                runs["unconstrained"]["records"], hf_records(args.checkpoint, args.limit)
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**report, "records": records}, indent=1))
+    records = {f"{mode}_records": run["records"] for mode, run in runs.items()}
+    args.out.write_text(json.dumps({**report, **records}, indent=1))
     print(json.dumps(report, indent=1))
 
 

@@ -25,6 +25,7 @@ from kimi_trt.testing.hf_reference import (
     transformers_config,
 )
 from kimi_trt.tinymodel.prepare import copy_tokenizer_files
+from kimi_trt.torch_bridge import to_numpy, torch_dtype
 
 
 def read_trained_state(weights_dir: Path) -> dict[str, torch.Tensor]:
@@ -75,10 +76,10 @@ def hf_named_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 
 
 def _tensor_values(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Callable:
-    """name -> stored value: block-FP8 (+ its scale) for Linear weights, else cast."""
-    quantized: dict[str, torch.Tensor] = {}
+    """name -> stored value (numpy): block-FP8 (+ its scale) for Linear weights, else cast."""
+    quantized: dict[str, np.ndarray] = {}
 
-    def value(t) -> torch.Tensor:
+    def value(t) -> np.ndarray:
         if t.is_scale:
             return quantized.pop(t.name)
         if t.name not in state:
@@ -87,10 +88,10 @@ def _tensor_values(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Callable
         if tuple(w.shape) != t.shape:
             raise CheckpointError(f"{t.name}: trained shape {tuple(w.shape)}, expected {t.shape}")
         if t.dtype == FP8_DTYPE:
-            q, scale = quantize_block(w, cfg.weight_block_size)
+            q, scale = quantize_block(to_numpy(w.float()), cfg.weight_block_size)
             quantized[t.name[: -len("weight")] + "weight_scale_inv"] = scale
             return q
-        return w.to(t.dtype)
+        return to_numpy(w.to(torch_dtype(t.dtype)))
 
     return value
 
