@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from kimi_trt.errors import MissingCapability, UserError
+from kimi_trt.runtime.scheduling import DEFAULT_PREFILL_CHUNK
 
 
 class KimiGroup(click.Group):
@@ -49,6 +50,43 @@ BUILD_CONFIG_OPTION = click.option(
     "--config", "config_path", type=PATH_TYPE, required=True, help="Build YAML."
 )
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def SCHEDULING_OPTIONS(command: Callable) -> Callable:  # noqa: N802 - used as a decorator
+    """serve's and triton-repo's batching options (the torch executor's generation loop)."""
+    options = [
+        click.option(
+            "--batching",
+            type=click.Choice(["continuous", "static"]),
+            default="continuous",
+            show_default=True,
+            help="torch executor: requests join the running batch at the next step "
+            "(continuous) or wait for it to end (static).",
+        ),
+        click.option(
+            "--prefill-chunk",
+            type=click.IntRange(min=1),
+            default=DEFAULT_PREFILL_CHUNK,
+            show_default=True,
+            help="torch executor: prompt tokens per step (longer prompts are chunked).",
+        ),
+        click.option(
+            "--prefix-cache/--no-prefix-cache",
+            default=True,
+            show_default=True,
+            help="torch executor: reuse the KV cache of a prompt prefix seen before.",
+        ),
+        click.option(
+            "--batch-window-ms",
+            type=click.FloatRange(min=0),
+            default=5.0,
+            show_default=True,
+            help="Static batching: how long to collect requests into one batch.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def engine_dir_option(help: str | None = None) -> Callable[[Callable], Callable]:
@@ -340,7 +378,7 @@ def verify(engine_dir: Path) -> None:
 @click.option("--enable-kv-cache-reuse", is_flag=True)
 @click.option("--enable-chunked-context", is_flag=True)
 @click.option("--gpu-device-ids", help="Comma-separated, one per rank [default: 0..world-1].")
-@click.option("--batch-window-ms", type=float, default=5.0, show_default=True, help="torch model.")
+@SCHEDULING_OPTIONS
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def triton_repo(engine_dir, out, tokenizer_dir, no_streaming, force, **options) -> None:
     """Write a Triton model repository for an engine dir.
@@ -405,7 +443,7 @@ def triton_worker(engine_dir) -> None:
 )
 @click.option("--triton-model", help="Triton model [default: kimi or tensorrt_llm].")
 @click.option("--model-name", default="kimi-k2", show_default=True, help="Served model id.")
-@click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True)
+@SCHEDULING_OPTIONS
 @click.option("--default-max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option(
     "--max-body-mb",

@@ -5,9 +5,10 @@ TensorRT-LLM's PyTorch backend (llmapi_backend.py); `rank{N}.engine` files -> Te
 engines (trtllm_backend.py); both GPU hosts with tensorrt_llm only; a per-rank checkpoint (config.json
 with a `kimi_trt` object, in the dir or its `checkpoint/` subdir) -> the torch executor.
 
-Multi-rank protocol: every rank calls `load_engine`. Rank 0 then drives - `generate`,
-`score`, finally `shutdown` - and the other ranks call `worker_loop()`, which executes
-the commands rank 0 broadcasts (allocate cache, run a step, ping) until shutdown. Requests
+Multi-rank protocol: every rank calls `load_engine`. Rank 0 then drives - `generate`
+(or `submit` + `step`, the continuous-batching API a server uses), `score`, finally
+`shutdown` - and the other ranks call `worker_loop()`, which executes the commands rank 0
+broadcasts (allocate the KV block pool, run a step, ping) until shutdown. Requests
 are validated on rank 0 before anything is broadcast, so a bad request raises a UserError
 there and leaves the workers waiting for the next command. Rank 0's commands go through a
 ControlChannel (control.py): a heartbeat while idle, and after a peer fails every command
@@ -29,7 +30,14 @@ from kimi_trt.runtime.comm import Comm
 from kimi_trt.runtime.control import ControlChannel
 from kimi_trt.runtime.executor import StepPlan, TorchExecutor
 from kimi_trt.runtime.failure import shared
-from kimi_trt.runtime.generate import GenerationLoop, GenerationResult, OnToken, make_requests
+from kimi_trt.runtime.generate import (
+    GenerationLoop,
+    GenerationRequest,
+    GenerationResult,
+    LoopStats,
+    OnToken,
+)
+from kimi_trt.runtime.kv_blocks import BlockPool
 from kimi_trt.runtime.launch import (
     HEARTBEAT_S,
     RankInfo,
@@ -40,6 +48,7 @@ from kimi_trt.runtime.launch import (
 )
 from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
 from kimi_trt.runtime.sampling import SamplingParams, TokenConstraint
+from kimi_trt.runtime.scheduling import KV_BLOCK_SIZE, Scheduling
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -124,13 +133,15 @@ def load_engine(
     max_seq_len: int | None = None,
     progress: bool = False,
     verify_checksums: bool = True,
+    scheduling: Scheduling | None = None,
 ):
     """Open an engine dir on this rank (every rank of the job calls this).
 
     dtype: compute dtype (default float32 on CPU, bfloat16 on GPU). max_batch_size /
-    max_seq_len override the engine dir's limits (slots and cache length per generate).
-    verify_checksums: check each rank file against its manifest digest while loading
-    (`runtime/integrity`); off only for a caller that has just re-hashed every file.
+    max_seq_len override the engine dir's limits (requests generating at once, and the
+    longest sequence). verify_checksums: check each rank file against its manifest digest
+    while loading (`runtime/integrity`); off only for a caller that has just re-hashed
+    every file. scheduling: prefill chunk and prefix cache of the torch executor's loop.
     """
     path = Path(engine_dir)
     if not path.is_dir():
@@ -166,23 +177,32 @@ def load_engine(
         cfg, rt.comm, dtype, limits.max_seq_len, progress=progress, verify_checksum=verify_checksums
     )
     rt.comm.barrier()  # ranks load at different speeds; wait without the collective timeout
-    return Engine(rt, executor, limits, tokenizer)
+    return Engine(rt, executor, limits, tokenizer, scheduling or Scheduling())
 
 
 class Engine:
     """A loaded model on this rank. Rank 0: generate/score/shutdown; others: worker_loop."""
 
-    def __init__(self, rt: _Runtime, executor: TorchExecutor, limits: Limits, tokenizer):
+    def __init__(
+        self,
+        rt: _Runtime,
+        executor: TorchExecutor,
+        limits: Limits,
+        tokenizer,
+        scheduling: Scheduling,
+    ):
         self._rt = rt
         self._executor = executor
         self.limits = limits
         self.tokenizer = tokenizer
+        self.scheduling = scheduling
         self.model_config = executor.model
         self.backend = "torch"
         self.supports_constraints = True  # generate(constraints=...) applies them at sampling
         self._channel = (
             ControlChannel(rt.comm, self._execute, HEARTBEAT_S) if self.is_driver else None
         )
+        self._loop: GenerationLoop | None = None
 
     @property
     def failure(self) -> BaseException | None:
@@ -247,28 +267,82 @@ class Engine:
         constraints: list[TokenConstraint | None] | None = None,
     ) -> list[GenerationResult]:
         """Continue each prompt. `on_token(i, token)` streams; returning False cancels request i.
-        `constraints[i]` (optional) restricts request i's tokens (sampling.TokenConstraint)."""
+        `constraints[i]` (optional) restricts request i's tokens (sampling.TokenConstraint).
+        Runs the loop until these requests end (requests submitted by others run along)."""
         self._require_driver("generate")
         plist = sampling_params_list(prompts, params)
         self.validate_prompts(prompts, plist)
-        if not prompts:
-            return []
-        requests = make_requests(prompts, plist, self.eos_token_ids, self.max_seq_len, constraints)
-        n_slots = min(len(prompts), self.max_batch_size)
-        self._command(("cache", n_slots, max(r.max_len for r in requests)))
-        GenerationLoop(self._step, self._executor.owner, n_slots, on_token).run(requests)
-        return [r.result for r in requests]
+        constraints = constraints or [None] * len(prompts)
+
+        def stream(i: int):
+            return None if on_token is None else (lambda token: on_token(i, token))
+
+        results = [
+            self.loop.submit(GenerationRequest(list(p), sp, stream(i), None, constraints[i]))
+            for i, (p, sp) in enumerate(zip(prompts, plist, strict=True))
+        ]
+        while any(r.finish_reason is None for r in results):
+            self.loop.step()
+        return results
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Validate one request (UserError) and queue it; it joins the loop at the next
+        `step()`. For a server driving the loop from one thread."""
+        self._require_driver("submit")
+        self.validate_prompts([request.prompt], [request.params])
+        self.loop.submit(request)
+
+    def step(self) -> bool:
+        """One scheduling step of the loop (False: nothing was waiting or running)."""
+        return self.loop.step()
+
+    def stats(self) -> LoopStats:
+        return self.loop.stats()
+
+    @property
+    def loop(self) -> GenerationLoop:
+        """Rank 0's generation loop (made, with every rank's KV block pool, on first use)."""
+        if self._loop is None:
+            n_slots = self.max_batch_size
+            per_seq = -(-self.max_seq_len // KV_BLOCK_SIZE)
+            seats: dict[int | None, int] = {}
+            for s in range(n_slots):
+                seats[self._executor.owner(s)] = seats.get(self._executor.owner(s), 0) + 1
+            pools = {
+                owner: BlockPool(n * per_seq, KV_BLOCK_SIZE, self.scheduling.prefix_cache)
+                for owner, n in seats.items()
+            }
+            self._command(("cache", max(p.n_blocks for p in pools.values()), KV_BLOCK_SIZE))
+            self._loop = GenerationLoop(
+                self._step,
+                self._executor.owner,
+                n_slots,
+                pools,
+                self.eos_token_ids,
+                self.max_seq_len,
+                self.scheduling.prefill_chunk,
+            )
+        return self._loop
 
     def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Float32 logits [len(prompt), vocab] for every position of each prompt (one prefill)."""
         self._require_driver("score")
         self.validate_prompts(prompts, [SamplingParams(max_new_tokens=0)] * len(prompts))
         out: list[torch.Tensor] = []
+        pools = self.loop.pools
         for start in range(0, len(prompts), self.max_batch_size):
             chunk = prompts[start : start + self.max_batch_size]
-            self._command(("cache", len(chunk), max(len(p) for p in chunk)))
-            plan = StepPlan("prefill", list(range(len(chunk))), chunk, [0] * len(chunk), True)
-            logits = self._step(plan)
+            slots = list(range(len(chunk)))
+            owners = [pools[self._executor.owner(s)] for s in slots]
+            tables = [
+                pool.allocate(pool.blocks_for(len(p)))
+                for pool, p in zip(owners, chunk, strict=True)
+            ]
+            try:
+                logits = self._step(StepPlan(slots, chunk, [0] * len(chunk), tables, True))
+            finally:
+                for pool, table in zip(owners, tables, strict=True):
+                    pool.release(table)
             offsets = [0]
             for p in chunk:
                 offsets.append(offsets[-1] + len(p))

@@ -13,9 +13,12 @@ computes, and which collective joins the shares, follows the checkpoint's Mappin
   share, and the sum is scattered back to the owners. Logits are gathered by rows.
 
 Attention caches only the MLA latent per token and layer: c (kv_lora_rank values, after
-kv_a_layernorm) and the rotated k_pe (qk_rope_head_dim), never per-head K/V. Prefill
-uses the unabsorbed projections (q_b_proj, kv_b_proj); decode uses the absorbed ones
-(fused_q_proj for q, kv_b_proj's v rows after attention), as the TensorRT-LLM kernels do.
+kv_a_layernorm) and the rotated k_pe (qk_rope_head_dim), never per-head K/V, in a pool of
+fixed-size blocks (runtime/kv_blocks.py keeps the tables on rank 0). A prompt starting at
+position 0 uses the unabsorbed projections (q_b_proj, kv_b_proj) over its own tokens;
+tokens that continue a cached sequence (decode, later prefill chunks, the rest of a prompt
+after a prefix-cache hit) use the absorbed ones (fused_q_proj for q, kv_b_proj's v rows
+after attention) over the cache, as the TensorRT-LLM kernels do.
 """
 
 from __future__ import annotations
@@ -33,17 +36,20 @@ from kimi_trt.runtime.weights import load_rank_weights
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One forward step for a set of cache slots (the same object on every rank).
+    """One forward step over a set of sequences (the same object on every rank).
 
-    prefill: `tokens[i]` is a whole prompt starting at position 0 of slot `slots[i]`.
-    decode: `tokens[i]` is one token at position `starts[i]` (the slot's current length).
-    Logits come back for the last token of each entry, or every token if `all_logits`.
+    Entry i puts `tokens[i]` at positions starts[i].. of the sequence seated in `slots[i]`
+    (the seat decides the attention-DP owner), whose latents live in the owner's pool
+    blocks `blocks[i]` (position p in block blocks[i][p // block_size]); the table covers
+    every position up to the entry's last token. Entries of one step may mix whole
+    prompts, prompt chunks and single decode tokens. Logits come back for the last token
+    of each entry, or every token if `all_logits`.
     """
 
-    kind: str  # "prefill" | "decode"
     slots: list[int]
     tokens: list[list[int]]
     starts: list[int]
+    blocks: list[list[int]]
     all_logits: bool = False
 
 
@@ -57,15 +63,28 @@ class LayerWeights:
 
 
 @dataclass
+class _Group:
+    """Entries of a batch that attend alike: `rows` index the packed tokens."""
+
+    rows: torch.Tensor  # [n] packed token rows of the group's entries, in entry order
+    lens: list[int]  # tokens per entry
+    positions: torch.Tensor  # [n]
+    tables: torch.Tensor | None = None  # [entries, blocks] (cached groups; padded with 0)
+
+
+@dataclass
 class _Batch:
-    """This rank's share of a plan, packed token-major."""
+    """This rank's share of a plan, packed token-major, with its attention groups."""
 
     entries: list[int]  # indices into the plan
     tokens: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
-    token_slots: torch.Tensor  # [N] local cache slot of each token
+    token_blocks: torch.Tensor  # [N] cache block of each token
+    token_offsets: torch.Tensor  # [N] row inside that block
     seq_lens: list[int]
-    entry_slots: torch.Tensor  # [n] local cache slot of each entry
+    fresh: _Group | None  # entries starting at position 0: attend among their own tokens
+    decode: _Group | None  # one-token entries over the cache, batched
+    extend: list[_Group]  # multi-token entries over the cache, one group each
 
 
 class TorchExecutor:
@@ -108,7 +127,7 @@ class TorchExecutor:
             m.rope_inv_freq(), m.rope_attention_factor, max_seq_len, dtype, self.device
         )
         self.first_expert = self.mapping.experts_of(self.rank, m.n_routed_experts).start
-        self.cache: torch.Tensor | None = None  # [layers, local slots, max_len, kl + rope]
+        self.cache: torch.Tensor | None = None  # [layers, blocks, block_size, kl + rope]
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"transformer.layers.{i}."
@@ -140,20 +159,13 @@ class TorchExecutor:
         """The rank that runs attention for `slot` (None: every rank, attention TP)."""
         return slot % self.comm.world_size if self.dp else None
 
-    def _local_slot(self, slot: int) -> int:
-        return slot // self.comm.world_size if self.dp else slot
-
-    def ensure_cache(self, n_slots: int, max_len: int) -> None:
-        """Allocate (or grow) the latent cache for `n_slots` global slots of `max_len` tokens."""
-        local = -(-n_slots // self.comm.world_size) if self.dp else n_slots
+    def ensure_cache(self, n_blocks: int, block_size: int) -> None:
+        """Allocate this rank's latent pool: `n_blocks` blocks of `block_size` tokens (kept
+        while the shape stays; the pool's contents belong to rank 0's block tables)."""
         width = self.dims.kv_lora + self.dims.rope
-        shape = (self.model.num_hidden_layers, local, max_len, width)
-        if self.cache is not None and all(
-            a >= b for a, b in zip(self.cache.shape, shape, strict=True)
-        ):
+        shape = (self.model.num_hidden_layers, n_blocks, block_size, width)
+        if self.cache is not None and tuple(self.cache.shape) == shape:
             return
-        if self.cache is not None:
-            shape = tuple(max(a, b) for a, b in zip(self.cache.shape, shape, strict=True))
         self.cache = None
         self.cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
@@ -169,7 +181,7 @@ class TorchExecutor:
         x = self._embed(batch.tokens)
         for i, layer in enumerate(self.layers):
             h = L.rms_norm(x, layer.input_norm, self.dims.eps)
-            x = x + self._attention(i, layer, h, batch, plan.kind)
+            x = x + self._attention(i, layer, h, batch)
             h = L.rms_norm(x, layer.post_norm, self.dims.eps)
             x = x + self._ffn(layer, h, counts)
         if not plan.all_logits:
@@ -185,23 +197,44 @@ class TorchExecutor:
 
     def _pack(self, plan: StepPlan) -> _Batch:
         entries = self._entries_of(plan, self.rank)
-        tokens, positions, token_slots, lens = [], [], [], []
+        tokens, positions, blocks, offsets, lens = [], [], [], [], []
+        fresh, decode, extend = [], [], []
+        bs = self.cache.shape[2]
         for i in entries:
-            n = len(plan.tokens[i])
+            n, start, table = len(plan.tokens[i]), plan.starts[i], plan.blocks[i]
+            rows = list(range(len(tokens), len(tokens) + n))
+            span = range(start, start + n)
             tokens += plan.tokens[i]
-            positions += range(plan.starts[i], plan.starts[i] + n)
-            token_slots += [self._local_slot(plan.slots[i])] * n
+            positions += span
+            blocks += [table[p // bs] for p in span]
+            offsets += [p % bs for p in span]
             lens.append(n)
+            group = fresh if start == 0 else decode if n == 1 else extend
+            group.append((rows, n, table))
         dev = self.device
+        t = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
+        pos = t(positions)
+
+        def make(members, cached: bool) -> _Group | None:
+            if not members:
+                return None
+            rows = t([r for m in members for r in m[0]])
+            tables = None
+            if cached:
+                width = max(len(m[2]) for m in members)
+                tables = t([m[2] + [0] * (width - len(m[2])) for m in members])
+            return _Group(rows, [m[1] for m in members], pos[rows], tables)
+
         return _Batch(
             entries=entries,
-            tokens=torch.tensor(tokens, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            token_slots=torch.tensor(token_slots, dtype=torch.int64, device=dev),
+            tokens=t(tokens),
+            positions=pos,
+            token_blocks=t(blocks),
+            token_offsets=t(offsets),
             seq_lens=lens,
-            entry_slots=torch.tensor(
-                [self._local_slot(plan.slots[i]) for i in entries], dtype=torch.int64, device=dev
-            ),
+            fresh=make(fresh, False),
+            decode=make(decode, True),
+            extend=[make([m], True) for m in extend],
         )
 
     def _token_counts(self, plan: StepPlan) -> list[int]:
@@ -223,21 +256,26 @@ class TorchExecutor:
         x = self.embed[local.clamp(0, rows - 1)] * inside[:, None].to(self.dtype)
         return self.comm.all_reduce(x)
 
-    def _attention(
-        self, li: int, layer: LayerWeights, h: torch.Tensor, b: _Batch, kind: str
-    ) -> torch.Tensor:
+    def _attention(self, li: int, layer: LayerWeights, h: torch.Tensor, b: _Batch) -> torch.Tensor:
         d = self.dims
         if h.shape[0] == 0:
             return torch.zeros_like(h)
         cq, latent = L.mla_latent(h, layer.attn, d, self.rope, b.positions)
         cache = self.cache[li]
-        cache[b.token_slots, b.positions] = latent
-        if kind == "prefill":
-            o = L.mla_prefill(cq, latent, layer.attn, d, self.rope, b.positions, b.seq_lens)
-        else:
-            length = int(b.positions.max()) + 1
-            ctx = cache[b.entry_slots, :length]
-            o = L.mla_decode(cq, ctx, b.positions + 1, layer.attn, d, self.rope, b.positions)
+        cache[b.token_blocks, b.token_offsets] = latent
+        o = torch.empty(h.shape[0], d.heads * d.v, dtype=h.dtype, device=h.device)
+        if b.fresh is not None:
+            g = b.fresh
+            o[g.rows] = L.mla_prefill(
+                cq[g.rows], latent[g.rows], layer.attn, d, self.rope, g.positions, g.lens
+            )
+        for g in ([b.decode] if b.decode is not None else []) + b.extend:
+            e, t = len(g.lens), g.lens[0]  # a decode group's entries have one token each
+            ctx = cache[g.tables].flatten(1, 2)  # [entries, blocks * block_size, width]
+            out = L.mla_cached(
+                cq[g.rows].view(e, t, -1), ctx, g.positions.view(e, t), layer.attn, d, self.rope
+            )
+            o[g.rows] = out.reshape(e * t, -1)
         out = o @ layer.attn.dense.T
         if not self.dp and self.mapping.attn_tp_size > 1:
             self.comm.all_reduce(out)

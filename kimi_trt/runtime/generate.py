@@ -1,16 +1,27 @@
-"""The generation loop run by rank 0: slots, prefill, incremental decode, stopping, streaming.
+"""The generation loop run by rank 0: continuous batching over seats and paged KV blocks.
 
-Requests wait in a queue and are admitted into free cache slots; each round prefills the
-newly admitted prompts (one step, prompts of different lengths packed together) and then
-advances every running request by one token (one decode step). A request leaves its slot
-when it samples a stop token, reaches max_new_tokens or the cache length, or when the
-streaming callback returns False (cancelled); the slot is reused by the next waiting
-request in the same call. Each step is a `StepPlan` that `run_step` broadcasts and
-executes on all ranks.
+Why continuous: requests arrive one by one (a server) while others are generating; each
+joins the running loop at its next step instead of waiting for a whole batch to finish.
+`GenerationLoop.submit` queues a request; every `step()`:
+  1. ends cancelled requests and seats waiting ones while seats are free (a seat bounds
+     the batch; its attention-DP owner is the least loaded rank), taking the cached
+     blocks of the longest prompt prefix already computed (kv_blocks.BlockPool);
+  2. builds one StepPlan: a decode token for every running request, then prompt chunks
+     of the seated requests still prefilling, oldest first, up to `prefill_chunk` prompt
+     tokens - so a long prompt is prefilled over several steps and never stalls decode;
+  3. samples for every entry that ended its prompt or decoded, streams the token, and
+     retires requests that sampled a stop token, reached max_new_tokens or the cache
+     length, or were cancelled (their blocks go back to the pool; full prompt blocks
+     stay cached for the next request with the same prefix).
+Whatever one request's sampling or callbacks raise ends it alone (finish_reason "error");
+a failed step (the engine or the multi-rank job broke) ends every request with the error
+and is raised to the caller.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kimi_trt.runtime.executor import StepPlan
+from kimi_trt.runtime.kv_blocks import BlockPool
 from kimi_trt.runtime.sampling import (
     SamplingParams,
     TokenConstraint,
@@ -25,7 +37,11 @@ from kimi_trt.runtime.sampling import (
     sample_token,
 )
 
+log = logging.getLogger(__name__)
+
 OnToken = Callable[[int, int], "bool | None"]
+TokenCallback = Callable[[int], "bool | None"]
+DoneCallback = Callable[["GenerationResult | None", "BaseException | None"], None]
 
 
 @dataclass
@@ -40,145 +56,263 @@ class GenerationResult:
     finish_reason: str | None = None
     logits: list[torch.Tensor] | None = None  # per sampled step, with params.return_logits
     error: Exception | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass
-class _Request:
-    index: int
+class GenerationRequest:
+    """One prompt to continue, as callers hand it to `GenerationLoop.submit` (any thread
+    may build one; only the loop's thread submits it).
+
+    on_token(id) streams each token (returning False cancels); on_done(result, error) is
+    called exactly once: with the result (finish_reason stop/length/cancelled) or with the
+    error that ended this request. `constraint` (optional) restricts its tokens."""
+
+    prompt: list[int]
     params: SamplingParams
+    on_token: TokenCallback | None = None
+    on_done: DoneCallback | None = None
+    constraint: TokenConstraint | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Sequence:
+    """A submitted request inside the loop."""
+
+    request: GenerationRequest
     stop_ids: frozenset[int]
     max_len: int  # prompt + generated tokens may not exceed this (cache length)
     result: GenerationResult
     generator: torch.Generator | None
     slot: int = -1
-    constraint: TokenConstraint | None = None
+    pool: BlockPool | None = None
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0  # prompt tokens whose latents are in the cache
 
     @property
     def length(self) -> int:
         return len(self.result.prompt_tokens) + len(self.result.tokens)
 
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.result.prompt_tokens)
 
-def _pick_slot(free: list[int], active: dict[int, _Request], owner: Callable[[int], int | None]):
-    """The free slot whose attention-DP owner runs the fewest requests (lowest slot on ties)."""
-    load: dict[int | None, int] = {}
-    for s in active:
-        load[owner(s)] = load.get(owner(s), 0) + 1
-    best = min(free, key=lambda s: (load.get(owner(s), 0), s))
-    free.remove(best)
-    return best
+
+@dataclass(frozen=True)
+class LoopStats:
+    """What the loop holds now, and its prefix cache's counters (the serving metrics)."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_queries: int
+    prefix_hits: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
 
 
 class GenerationLoop:
-    """Schedules one `generate` call's requests over `n_slots` cache slots."""
+    """Continuous batching over `n_slots` seats; `pools[owner]` holds each owner's blocks."""
 
     def __init__(
         self,
         run_step: Callable[[StepPlan], torch.Tensor],
         owner: Callable[[int], int | None],
         n_slots: int,
-        on_token: OnToken | None,
+        pools: dict[int | None, BlockPool],
+        default_stop_ids: tuple[int, ...],
+        max_seq_len: int,
+        prefill_chunk: int,
     ):
         self.run_step = run_step
         self.owner = owner
-        self.on_token = on_token
+        self.pools = pools
+        self.default_stop_ids = default_stop_ids
+        self.max_seq_len = max_seq_len
+        self.prefill_chunk = prefill_chunk
         self.free = list(range(n_slots))
-        self.active: dict[int, _Request] = {}
+        self.active: dict[int, _Sequence] = {}  # seat -> sequence, in admission order
+        self.waiting: deque[_Sequence] = deque()
 
-    def run(self, requests: list[_Request]) -> None:
-        waiting = deque(r for r in requests if not self._finished_before_start(r))
-        while waiting or self.active:
-            admitted = []
-            while waiting and self.free:
-                req = waiting.popleft()
-                req.slot = _pick_slot(self.free, self.active, self.owner)
-                admitted.append(req)
-            if admitted:
-                self._prefill(admitted)
-            if self.active:
-                self._decode()
+    # ---- public ----------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> GenerationResult:
+        """Queue a request (validated by the engine); it joins at the next step."""
+        p = request.params
+        stop = p.stop_token_ids if p.stop_token_ids is not None else self.default_stop_ids
+        result = GenerationResult(prompt_tokens=list(request.prompt))
+        if p.return_logits:
+            result.logits = []
+        max_len = min(self.max_seq_len, len(request.prompt) + p.max_new_tokens)
+        seq = _Sequence(request, frozenset(stop), max_len, result, p.generator())
+        if p.max_new_tokens == 0:
+            self._done(seq, "length")
+        else:
+            self.waiting.append(seq)
+        return result
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def stats(self) -> LoopStats:
+        pools = list(self.pools.values())
+        return LoopStats(
+            running=len(self.active),
+            waiting=len(self.waiting),
+            kv_blocks_used=sum(p.used for p in pools),
+            kv_blocks_total=sum(p.n_blocks for p in pools),
+            prefix_queries=sum(p.stats.queries for p in pools),
+            prefix_hits=sum(p.stats.hits for p in pools),
+            prefix_query_tokens=sum(p.stats.query_tokens for p in pools),
+            prefix_hit_tokens=sum(p.stats.hit_tokens for p in pools),
+        )
+
+    def step(self) -> bool:
+        """Admit, run one forward step, sample. False when there was nothing to run."""
+        self._drop_cancelled()
+        self._admit()
+        entries = self._decode_entries() + self._prefill_entries()
+        if not entries:
+            return False
+        seqs = [seq for seq, _ in entries]
+        plan = StepPlan(
+            slots=[s.slot for s in seqs],
+            tokens=[toks for _, toks in entries],
+            starts=[s.computed if s.prefilling else s.length - 1 for s in seqs],
+            blocks=[list(s.blocks) for s in seqs],
+        )
+        try:
+            logits = self.run_step(plan)
+        except BaseException as e:
+            self.fail_all(e)
+            raise
+        for (seq, toks), row in zip(entries, logits, strict=True):
+            if seq.prefilling:
+                seq.computed += len(toks)
+                if seq.prefilling:
+                    continue  # more chunks to come
+                seq.pool.register(seq.result.prompt_tokens, seq.blocks)
+            self._accept(seq, row)
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every seated and waiting request with `error` (the engine broke)."""
+        for seq in list(self.active.values()) + list(self.waiting):
+            self._release(seq)
+            seq.result.finish_reason = "error"
+            self._notify(seq, None, error)
+        self.waiting.clear()
+
+    # ---- scheduling ------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.request.cancelled.is_set()]:
+            self.waiting.remove(seq)
+            self._done(seq, "cancelled")
+        for seq in [s for s in self.active.values() if s.request.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.slot = self._pick_slot()
+            seq.pool = self.pools[self.owner(seq.slot)]
+            seq.blocks = seq.pool.match(seq.result.prompt_tokens)
+            seq.computed = len(seq.blocks) * seq.pool.block_size
+            seq.result.cached_tokens = seq.computed
+            self.active[seq.slot] = seq
+
+    def _pick_slot(self) -> int:
+        """The free seat whose attention-DP owner runs the fewest requests (lowest on ties)."""
+        load: dict[int | None, int] = {}
+        for s in self.active:
+            load[self.owner(s)] = load.get(self.owner(s), 0) + 1
+        best = min(self.free, key=lambda s: (load.get(self.owner(s), 0), s))
+        self.free.remove(best)
+        return best
+
+    def _decode_entries(self) -> list[tuple[_Sequence, list[int]]]:
+        out = []
+        for seq in self.active.values():
+            if not seq.prefilling:
+                self._cover(seq, seq.length)
+                out.append((seq, [seq.result.tokens[-1]]))
+        return out
+
+    def _prefill_entries(self) -> list[tuple[_Sequence, list[int]]]:
+        out, budget = [], self.prefill_chunk
+        for seq in self.active.values():
+            if budget == 0:
+                break
+            if seq.prefilling:
+                end = min(len(seq.result.prompt_tokens), seq.computed + budget)
+                self._cover(seq, end)
+                out.append((seq, seq.result.prompt_tokens[seq.computed : end]))
+                budget -= end - seq.computed
+        return out
 
     @staticmethod
-    def _finished_before_start(req: _Request) -> bool:
-        if req.params.max_new_tokens == 0:
-            req.result.finish_reason = "length"
-            return True
-        return False
+    def _cover(seq: _Sequence, length: int) -> None:
+        """Grow the sequence's block table to hold positions 0..length-1."""
+        missing = seq.pool.blocks_for(length) - len(seq.blocks)
+        if missing > 0:
+            seq.blocks += seq.pool.allocate(missing)
 
-    def _prefill(self, admitted: list[_Request]) -> None:
-        plan = StepPlan(
-            kind="prefill",
-            slots=[r.slot for r in admitted],
-            tokens=[r.result.prompt_tokens for r in admitted],
-            starts=[0] * len(admitted),
-        )
-        logits = self.run_step(plan)
-        for req, row in zip(admitted, logits, strict=True):
-            self.active[req.slot] = req
-            self._accept(req, row)
-
-    def _decode(self) -> None:
-        running = list(self.active.values())
-        plan = StepPlan(
-            kind="decode",
-            slots=[r.slot for r in running],
-            tokens=[[r.result.tokens[-1]] for r in running],
-            starts=[r.length - 1 for r in running],
-        )
-        logits = self.run_step(plan)
-        for req, row in zip(running, logits, strict=True):
-            self._accept(req, row)
-
-    def _accept(self, req: _Request, row: torch.Tensor) -> None:
+    # ---- sampling and retiring -------------------------------------------------------
+    def _accept(self, seq: _Sequence, row: torch.Tensor) -> None:
         """Sample from `row`, record, stream, and retire the request if it is done.
 
         Whatever this one request raises (sampling, its streaming callback) ends it alone
         with finish_reason "error"; the batch's other requests are not affected."""
-        res = req.result
+        res, req = seq.result, seq.request
         if res.logits is not None:
             res.logits.append(row.clone())
         try:
             row = constrain_logits(row, req.constraint)
-            token = sample_token(row, req.params, req.generator)
+            token = sample_token(row, req.params, seq.generator)
             if req.constraint is not None:
                 req.constraint.accept(token)
-            if token in req.stop_ids:
-                self._finish(req, "stop")
+            if token in seq.stop_ids:
+                self._finish(seq, "stop")
                 return
             res.tokens.append(token)
-            keep = self.on_token is None or self.on_token(req.index, token) is not False
+            keep = req.on_token is None or req.on_token(token) is not False
         except Exception as e:  # noqa: BLE001 - see the docstring
             res.error = e
-            self._finish(req, "error")
+            self._finish(seq, "error")
             return
         if not keep:
-            self._finish(req, "cancelled")
-        elif len(res.tokens) >= req.params.max_new_tokens or req.length >= req.max_len:
-            self._finish(req, "length")
+            self._finish(seq, "cancelled")
+        elif len(res.tokens) >= req.params.max_new_tokens or seq.length >= seq.max_len:
+            self._finish(seq, "length")
 
-    def _finish(self, req: _Request, reason: str) -> None:
-        req.result.finish_reason = reason
-        del self.active[req.slot]
-        self.free.append(req.slot)
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        self._release(seq)
+        self._done(seq, reason)
 
+    def _release(self, seq: _Sequence) -> None:
+        if seq.slot >= 0 and self.active.get(seq.slot) is seq:
+            del self.active[seq.slot]
+            self.free.append(seq.slot)
+            seq.pool.release(seq.blocks)
+            seq.blocks = []
 
-def make_requests(
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    default_stop_ids: tuple[int, ...],
-    max_seq_len: int,
-    constraints: list[TokenConstraint | None] | None = None,
-) -> list[_Request]:
-    """One request per prompt (already validated by the engine); `constraints`: one per
-    prompt (None: unconstrained)."""
-    out = []
-    constraints = constraints or [None] * len(prompts)
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        stop = p.stop_token_ids if p.stop_token_ids is not None else default_stop_ids
-        result = GenerationResult(prompt_tokens=list(prompt))
-        if p.return_logits:
-            result.logits = []
-        max_len = min(max_seq_len, len(prompt) + p.max_new_tokens)
-        request = _Request(i, p, frozenset(stop), max_len, result, p.generator())
-        request.constraint = constraints[i]
-        out.append(request)
-    return out
+    def _done(self, seq: _Sequence, reason: str) -> None:
+        seq.result.finish_reason = reason
+        error = seq.result.error
+        if error is not None:
+            log.error("request failed: %s: %s", type(error).__name__, error)
+        self._notify(seq, None if error is not None else seq.result, error)
+
+    @staticmethod
+    def _notify(seq: _Sequence, result, error) -> None:
+        if seq.request.on_done is None:
+            return
+        try:
+            seq.request.on_done(result, error)
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the loop
+            log.exception("a request's done callback failed")

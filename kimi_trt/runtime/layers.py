@@ -118,31 +118,35 @@ def mla_prefill(
     return torch.cat(outs, dim=0)
 
 
-def mla_decode(
+def mla_cached(
     cq: torch.Tensor,
-    cache: torch.Tensor,
-    lengths: torch.Tensor,
+    ctx: torch.Tensor,
+    positions: torch.Tensor,
     w: AttentionWeights,
     d: MlaDims,
     rope: Rope,
-    positions: torch.Tensor,
 ) -> torch.Tensor:
-    """Absorbed attention of one new token per sequence over the latent cache (MQA, kl + rope).
+    """Absorbed attention of T new tokens per sequence over its latent cache (MQA, kl + rope).
 
-    cq [B, ql]; cache [B, L, kl + rope] already holding the new token's row; lengths [B]
-    (valid rows per sequence). Returns outputs before `dense`: [B, hl*vd].
+    Decode (T = 1) and continued prefill (a later chunk of a prompt, or the rest of one
+    after a prefix-cache hit) alike. cq [E, T, ql]; ctx [E, L, kl + rope], the sequences'
+    cached rows, already holding the new tokens'; positions [E, T]: the query at p sees
+    rows 0..p. Returns outputs before `dense`: [E, T, hl*vd].
     """
-    b = cq.shape[0]
-    qa = (cq @ w.fused_q.T).view(b, d.heads, d.kv_lora + d.rope)
-    qa = torch.cat((qa[..., : d.kv_lora], rope(qa[..., d.kv_lora :], positions)), dim=-1)
-    scores = torch.matmul(qa, cache.transpose(1, 2)).to(torch.float32) * d.scale  # [B, hl, L]
-    invalid = torch.arange(cache.shape[1], device=cache.device)[None, :] >= lengths[:, None]
-    scores.masked_fill_(invalid[:, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(cache.dtype)
-    o_lat = torch.matmul(p, cache[..., : d.kv_lora])  # [B, hl, kl]
+    e, t = positions.shape
+    width = d.kv_lora + d.rope
+    qa = (cq.reshape(e * t, -1) @ w.fused_q.T).view(e * t, d.heads, width)
+    qa = torch.cat((qa[..., : d.kv_lora], rope(qa[..., d.kv_lora :], positions.reshape(-1))), -1)
+    qa = qa.view(e, t * d.heads, width)
+    scores = torch.matmul(qa, ctx.transpose(1, 2)).to(torch.float32) * d.scale  # [E, T*hl, L]
+    rows = torch.arange(ctx.shape[1], device=ctx.device)
+    invalid = rows[None, None, :] > positions[:, :, None]  # [E, T, L]
+    scores = scores.view(e, t, d.heads, -1).masked_fill_(invalid[:, :, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(ctx.dtype).view(e, t * d.heads, -1)
+    o_lat = torch.matmul(p, ctx[..., : d.kv_lora]).view(e * t, d.heads, d.kv_lora)
     w_v = w.kv_b.view(d.heads, d.nope + d.v, d.kv_lora)[:, d.nope :]  # [hl, vd, kl]
-    out = torch.einsum("bhk,hvk->bhv", o_lat, w_v)
-    return out.reshape(b, d.heads * d.v)
+    out = torch.einsum("nhk,hvk->nhv", o_lat, w_v)
+    return out.reshape(e, t, d.heads * d.v)
 
 
 def swiglu(x: torch.Tensor, up_gate: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ iterator of generated ids that ends with `finish_reason` set ("stop", "length",
 "cancelled") or raises the backend's error. `stream.cancel()` (client gone, stop string
 seen) ends the request in the backend and frees its slot:
 - `InProcessBackend`: an EngineBatcher on the runtime (rank 0 of a multi-rank job);
-  concurrent requests share `generate` calls. When the multi-rank job breaks (a peer
+  concurrent requests join the runtime's generation loop as they arrive (continuous
+  batching; `stats()` gives its running/waiting requests, KV blocks and prefix-cache hits). When the multi-rank job breaks (a peer
   killed, stopped or hung: the runtime's ControlChannel) every request fails with
   BackendUnavailable (HTTP 503), `health()` says why, and `on_fatal` lets the server stop.
 - `TritonBackend`: one gRPC bidirectional stream per request (tritonclient.grpc.aio) to
@@ -97,13 +98,13 @@ class TokenStream:
 class InProcessBackend:
     """The runtime's Engine in this process, behind an EngineBatcher."""
 
-    def __init__(self, engine, window_s: float = 0.005):
+    def __init__(self, engine, scheduling):
         from kimi_trt.serving.batcher import EngineBatcher
 
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_input_len = engine.max_input_len
-        self.batcher = EngineBatcher(engine, window_s=window_s)
+        self.batcher = EngineBatcher(engine, scheduling)
         self.description = "in-process runtime"
         self.constraints = ConstraintFactory(engine.tokenizer)
         self.supports_constraints = bool(getattr(engine, "supports_constraints", False))
@@ -143,10 +144,14 @@ class InProcessBackend:
         """Requests queued or generating (the queue-depth metric)."""
         return self.batcher.waiting + self.batcher.running
 
+    def stats(self):
+        """The runtime loop's LoopStats (None under static batching)."""
+        return self.batcher.stats()
+
     def submit(
         self, prompt: list[int], params: SamplingParams, output: OutputSpec | None = None
     ) -> TokenStream:
-        from kimi_trt.serving.batcher import BatchRequest
+        from kimi_trt.runtime.generate import GenerationRequest
 
         stream = TokenStream(len(prompt))
         constraint = self.constraints.build(output) if output is not None else None
@@ -165,7 +170,7 @@ class InProcessBackend:
                 error = (BackendUnavailable if broken else BackendError)(str(error))
             stream.finish(result.finish_reason if result is not None else None, error)
 
-        request = BatchRequest(list(prompt), params, on_token, on_done, constraint)
+        request = GenerationRequest(list(prompt), params, on_token, on_done, constraint)
         stream._on_cancel = request.cancel
         self.batcher.submit(request)
         return stream

@@ -1,21 +1,24 @@
-"""Batch concurrent requests into `Engine.generate` calls on one thread.
+"""Feed concurrent requests to a rank-0 engine from one thread: continuous or static batching.
 
-Why: the runtime's `generate(prompts, params, on_token)` runs a whole batch to completion
-and streams tokens through a callback; servers receive requests one by one on other
-threads. `EngineBatcher` owns the engine: it waits for a request, keeps collecting for a
-short window (`window_s`), runs one `generate` over everything collected (each request
-with its own sampling parameters) and routes every token to its request's callback.
-Requests that arrive during a call wait for the next one; the runtime's generation loop
-itself fills freed cache slots from the batch's own queue.
+Why: servers receive requests one by one on other threads, while an engine is driven by
+one thread. `EngineBatcher` owns the engine and runs a thread that
+- continuous (the torch executor's engine, default): hands every newly submitted request
+  to the engine's generation loop and runs one `step()` at a time, so a request joins
+  the running batch at the next step (runtime/generate.py: prefill packed with decode,
+  chunked prompts, prefix cache);
+- static (Scheduling.batching "static", and engines without a step API: TensorRT-LLM's executors
+  batch in flight on their own side): waits for a request, collects for `window_s`, and
+  runs one `generate` over the collection (`batch_window_ms`); requests arriving meanwhile wait for the next
+  call. Kept as the "before" of bench/serve.py and for those engines.
 
-Cancellation: `BatchRequest.cancel()` (client gone) makes the next `on_token` for that
-request return False, which ends it in the runtime and frees its slot.
+Cancellation: `GenerationRequest.cancel()` (client gone) ends the request at the next
+step (or token) and frees its seat and blocks.
 
-One request never fails another: each is validated alone before it joins a batch, its
-callbacks' exceptions cancel only it, and a failure while the runtime samples it ends
-only it (the runtime's finish_reason "error"). Only a failure of a whole step (the
-engine or the multi-rank job broke) fails the batch. Callbacks run on the batcher thread
-and must be quick (hand tokens to another thread).
+One request never fails another: each is validated alone before it joins, its callbacks'
+exceptions end only it, and a failure while the runtime samples it ends only it (finish
+reason "error"). Only a failure of a whole step (the engine or the multi-rank job broke)
+fails the requests in the engine. Callbacks run on the batcher thread and must be quick
+(hand tokens to another thread).
 """
 
 from __future__ import annotations
@@ -24,87 +27,107 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kimi_trt.errors import UserError
 from kimi_trt.runtime.comm import PeerFailure
-from kimi_trt.runtime.generate import GenerationResult
-from kimi_trt.runtime.sampling import SamplingParams, TokenConstraint
+from kimi_trt.runtime.generate import GenerationRequest, GenerationResult
+from kimi_trt.runtime.scheduling import Scheduling
 
 log = logging.getLogger(__name__)
-
-TokenCallback = Callable[[int], "bool | None"]
-DoneCallback = Callable[["GenerationResult | None", "BaseException | None"], None]
-
-
-@dataclass
-class BatchRequest:
-    """One prompt to continue. `on_token(id)` streams (False cancels); `on_done(result, error)`
-    is called exactly once: with the result (finish_reason stop/length/cancelled) or an error.
-    `constraint` (optional) restricts its tokens (runtime/sampling.TokenConstraint)."""
-
-    prompt: list[int]
-    params: SamplingParams
-    on_token: TokenCallback
-    on_done: DoneCallback
-    constraint: TokenConstraint | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 class EngineBatcher:
     """Owns a rank-0 Engine; `submit` from any thread, `close` to stop."""
 
-    def __init__(self, engine, window_s: float = 0.005, max_requests: int | None = None):
+    def __init__(self, engine, scheduling: Scheduling):
         self.engine = engine
-        self.window_s = window_s
-        self.max_requests = max_requests or max(1, 4 * engine.max_batch_size)
-        self._queue: queue.Queue[BatchRequest | None] = queue.Queue()
-        self._running = 0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="kimi-batcher", daemon=True)
+        self.continuous = scheduling.batching == "continuous" and hasattr(engine, "step")
+        self.window_s = scheduling.batch_window_ms / 1000.0
+        self.max_requests = max(1, 4 * engine.max_batch_size)
+        self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
+        self._in_engine = 0  # static: requests of the running generate call
         self._closed = False
+        target = self._serve_continuous if self.continuous else self._serve_batches
+        self._thread = threading.Thread(target=target, name="kimi-batcher", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        """Requests submitted but not yet in a generate call."""
-        return self._queue.qsize()
+        """Requests submitted and not yet generating."""
+        queued = self._queue.qsize()
+        return queued + self.engine.stats().waiting if self.continuous else queued
+
+    @property
+    def running(self) -> int:
+        """Requests generating now."""
+        return self.engine.stats().running if self.continuous else self._in_engine
 
     @property
     def alive(self) -> bool:
         """The batcher thread is running (False after close or if it died)."""
         return self._thread.is_alive()
 
-    @property
-    def running(self) -> int:
-        """Requests in the current generate call that have not finished."""
-        with self._lock:
-            return self._running
+    def stats(self):
+        """The engine loop's LoopStats (continuous batching), else None."""
+        return self.engine.stats() if self.continuous else None
 
-    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt: list[int], params) -> None:
         """Raise UserError if the engine cannot run this request (too long, bad ids...)."""
         self.engine.validate_prompts([prompt], [params])
 
-    def submit(self, request: BatchRequest) -> None:
+    def submit(self, request: GenerationRequest) -> None:
         if self._closed:
             raise RuntimeError("EngineBatcher is closed")
         self._queue.put(request)
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Finish the current batch, fail the waiting requests, stop the thread."""
+        """Finish the requests in the engine, fail the waiting ones, stop the thread."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
 
-    # ---- batcher thread --------------------------------------------------------------
-    def _collect(self) -> list[BatchRequest] | None:
+    # ---- continuous ------------------------------------------------------------------
+    def _serve_continuous(self) -> None:
+        stopping = False
+        while not stopping or self.engine.loop.busy:
+            if not stopping:
+                idle = not self.engine.loop.busy
+                stopping = self._take_new(block=idle)
+            try:
+                self.engine.step()
+            except BaseException as e:  # noqa: BLE001 - the loop has failed its requests
+                self._log_failure(e)
+        self._drain_waiting()
+
+    def _take_new(self, block: bool) -> bool:
+        """Hand queued requests to the engine (waiting for one when `block`); True on close."""
+        while True:
+            try:
+                req = self._queue.get(block=block)
+            except queue.Empty:
+                return False
+            block = False
+            if req is None:
+                return True
+            if req.cancelled.is_set():
+                _finished(req, _cancelled_result(req), None)
+                continue
+            try:
+                self.engine.submit(req)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                if not isinstance(e, UserError):
+                    log.exception("submitting a request failed")
+                _finished(req, None, e)
+
+    # ---- static ----------------------------------------------------------------------
+    def _serve_batches(self) -> None:
+        while (batch := self._collect()) is not None:
+            self._run(self._admit(batch))
+        self._drain_waiting()
+
+    def _collect(self) -> list[GenerationRequest] | None:
         first = self._queue.get()
         if first is None:
             return None
@@ -113,10 +136,11 @@ class EngineBatcher:
         while len(batch) < self.max_requests:
             remaining = deadline - time.monotonic()
             try:
-                if remaining > 0:
-                    item = self._queue.get(timeout=remaining)
-                else:
-                    item = self._queue.get_nowait()
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if item is None:
@@ -125,28 +149,23 @@ class EngineBatcher:
             batch.append(item)
         return batch
 
-    def _loop(self) -> None:
-        while (batch := self._collect()) is not None:
-            self._run(self._admit(batch))
-        self._drain_waiting()
-
-    def _admit(self, batch: list[BatchRequest]) -> list[BatchRequest]:
+    def _admit(self, batch: list[GenerationRequest]) -> list[GenerationRequest]:
         ready = []
         for req in batch:
             if req.cancelled.is_set():
-                req.on_done(GenerationResult(list(req.prompt), [], "cancelled"), None)
+                _finished(req, _cancelled_result(req), None)
                 continue
             try:
                 self.validate(req.prompt, req.params)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 if not isinstance(e, UserError):
                     log.exception("validating a request failed")
-                self._finished(req, None, e)
+                _finished(req, None, e)
                 continue
             ready.append(req)
         return ready
 
-    def _run(self, batch: list[BatchRequest]) -> None:
+    def _run(self, batch: list[GenerationRequest]) -> None:
         if not batch:
             return
         done = [False] * len(batch)
@@ -155,18 +174,12 @@ class EngineBatcher:
             req = batch[i]
             if req.cancelled.is_set():
                 return False
-            try:
-                keep = req.on_token(token)
-            except Exception:  # a broken consumer must not stop the batch
-                log.exception("token callback failed; cancelling its request")
-                keep = False
-            if keep is False:
+            if req.on_token(token) is False:
                 req.cancel()
                 return False
             return True
 
-        with self._lock:
-            self._running = len(batch)
+        self._in_engine = len(batch)
         try:
             results = self.engine.generate(
                 [r.prompt for r in batch],
@@ -178,26 +191,24 @@ class EngineBatcher:
                 done[i] = True
                 if result.error is not None:  # this request alone failed (e.g. sampling)
                     log.error("request failed: %s: %s", type(result.error).__name__, result.error)
-                    self._finished(req, None, result.error)
+                    _finished(req, None, result.error)
                 else:
-                    self._finished(req, result, None)
+                    _finished(req, result, None)
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
-            if isinstance(e, PeerFailure):  # the job lost a rank: known, said in one line
-                log.error("generate failed: %s", e)
-            else:
-                log.exception("generate failed")
+            self._log_failure(e)
             for i, req in enumerate(batch):
                 if not done[i]:
-                    self._finished(req, None, e)
+                    _finished(req, None, e)
         finally:
-            with self._lock:
-                self._running = 0
+            self._in_engine = 0
 
-    def _finished(self, req: BatchRequest, result, error) -> None:
-        try:
-            req.on_done(result, error)
-        except Exception:
-            log.exception("done callback failed")
+    # ---- both ------------------------------------------------------------------------
+    @staticmethod
+    def _log_failure(e: BaseException) -> None:
+        if isinstance(e, PeerFailure):  # the job lost a rank: known, said in one line
+            log.error("generation failed: %s", e)
+        else:
+            log.exception("generation failed")
 
     def _drain_waiting(self) -> None:
         while True:
@@ -206,4 +217,17 @@ class EngineBatcher:
             except queue.Empty:
                 return
             if req is not None:
-                self._finished(req, None, RuntimeError("server is shutting down"))
+                _finished(req, None, RuntimeError("server is shutting down"))
+
+
+def _cancelled_result(req: GenerationRequest) -> GenerationResult:
+    return GenerationResult(list(req.prompt), [], "cancelled")
+
+
+def _finished(req: GenerationRequest, result, error) -> None:
+    if req.on_done is None:
+        return
+    try:
+        req.on_done(result, error)
+    except Exception:  # noqa: BLE001 - a broken consumer must not stop the batcher
+        log.exception("done callback failed")

@@ -20,10 +20,17 @@ def parse_device_ids(text: str | None) -> tuple[int, ...] | None:
 
 
 def triton_repo_command(engine_dir: Path, out: Path, force: bool, **options: Any) -> str:
+    from kimi_trt.runtime.scheduling import Scheduling
     from kimi_trt.serving.repo_spec import RepoOptions
     from kimi_trt.serving.triton_repo import write_triton_repo
 
     options["gpu_device_ids"] = parse_device_ids(options.get("gpu_device_ids"))
+    options["scheduling"] = Scheduling(
+        options.pop("batching"),
+        options.pop("prefill_chunk"),
+        options.pop("prefix_cache"),
+        options.pop("batch_window_ms"),
+    )
     summary = write_triton_repo(engine_dir, out, RepoOptions(**options), force=force)
     lines = [
         f"wrote Triton model repository {summary['repository']} "

@@ -6,13 +6,17 @@ status, prompt/generated token counters, time to first token, inter-token latenc
 end-to-end latency, finish reasons, the queue depth (requests queued or generating in
 the backend) read at scrape time, and tool-call outcomes: valid, repaired (the parser
 mended the call's form), invalid (an undeclared function, arguments that are not JSON or
-not valid against the schema) and truncated (cut by max_tokens).
+not valid against the schema) and truncated (cut by max_tokens). With the in-process
+runtime's continuous batching, the generation loop's state is read at scrape time too:
+running and waiting requests, KV cache blocks used, and prefix-cache lookups and hits
+(prompts and tokens).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +26,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PREFIX = "kimi_trt_"
@@ -45,10 +50,49 @@ class RequestTimer:
         self.last = now
 
 
+class _LoopCollector:
+    """The runtime loop's LoopStats as metrics, read at scrape time (nothing under static
+    batching or a Triton backend, whose stats() gives None or does not exist)."""
+
+    def __init__(self, stats: Callable[[], Any]):
+        self.stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.stats()
+        if s is None:
+            return
+        gauges = (
+            ("requests_running", "Requests in the generation loop", s.running),
+            ("requests_waiting", "Requests queued for a seat in the generation loop", s.waiting),
+            ("kv_cache_blocks_used", "KV cache blocks held by running requests", s.kv_blocks_used),
+            ("kv_cache_blocks_total", "KV cache blocks in the pools", s.kv_blocks_total),
+            (
+                "kv_cache_usage_ratio",
+                "Fraction of KV cache blocks held by running requests",
+                s.kv_blocks_used / max(1, s.kv_blocks_total),
+            ),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        counters = (
+            ("prefix_cache_queries", "Prompts looked up in the prefix cache", s.prefix_queries),
+            ("prefix_cache_hits", "Prompts that reused cached KV blocks", s.prefix_hits),
+            ("prefix_cache_query_tokens", "Prompt tokens looked up", s.prefix_query_tokens),
+            ("prefix_cache_hit_tokens", "Prompt tokens reused", s.prefix_hit_tokens),
+        )
+        for name, doc, value in counters:
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], int]):
+    def __init__(self, queue_depth: Callable[[], int], loop_stats: Callable[[], Any] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
+        if loop_stats is not None:
+            r.register(_LoopCollector(loop_stats))
         self.requests = Counter(
             PREFIX + "requests", "HTTP API requests", ["endpoint", "status"], registry=r
         )

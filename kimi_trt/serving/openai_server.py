@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kimi_trt.errors import UserError
+from kimi_trt.runtime.scheduling import DEFAULT_PREFILL_CHUNK, Scheduling
 from kimi_trt.serving import anthropic_api, openai_api
 from kimi_trt.serving.anthropic_schemas import AnthropicMessagesRequest
 from kimi_trt.serving.backends import BackendError, BackendUnavailable
@@ -241,20 +242,20 @@ def _triton_backend(engine_dir, triton_url: str, triton_model: str | None):
 
 
 @contextlib.contextmanager
-def _own_triton(engine_dir):
+def _own_triton(engine_dir, scheduling):
     """`--triton auto`: a repository in a temp dir and the bundled tritonserver for it (leader
     mode for multi-rank engines), both gone when the API server stops. Yields the gRPC URL."""
     import shutil
     import tempfile
 
-    from kimi_trt.serving.repo_spec import summarize_engine
+    from kimi_trt.serving.repo_spec import RepoOptions, summarize_engine
     from kimi_trt.serving.triton_repo import write_triton_repo
     from kimi_trt.serving.triton_server import TritonServer
 
     summary = summarize_engine(engine_dir)
     work = Path(tempfile.mkdtemp(prefix="kimi_trt_triton_"))
     try:
-        write_triton_repo(engine_dir, work / "repo")
+        write_triton_repo(engine_dir, work / "repo", RepoOptions(scheduling=scheduling))
         server = TritonServer(
             work / "repo",
             engine_dir=engine_dir,
@@ -293,7 +294,7 @@ def _run_app(backend, max_seq_len: int, model_name: str, options: dict[str, Any]
     if backend.tokenizer is None:
         raise UserError("the engine dir has no tiktoken.model; kimi-trt serve needs the tokenizer")
     host, port = options["host"], options["port"]
-    metrics = ServerMetrics(backend.load)
+    metrics = ServerMetrics(backend.load, getattr(backend, "stats", None))
     if hasattr(backend, "observer"):
         backend.observer = metrics.backend_done
     state = ServerState(
@@ -336,6 +337,9 @@ def serve(
     triton_url: str | None = None,
     triton_model: str | None = None,
     model_name: str = DEFAULT_MODEL_NAME,
+    batching: str = "continuous",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefix_cache: bool = True,
     batch_window_ms: float = 5.0,
     default_max_tokens: int = 1024,
     log_level: str = "info",
@@ -348,6 +352,7 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if max_body_mb <= 0:
         raise UserError(f"--max-body-mb must be > 0, got {max_body_mb}")
+    scheduling = Scheduling(batching, prefill_chunk, prefix_cache, batch_window_ms)
     options = {
         "host": host,
         "port": port,
@@ -359,7 +364,9 @@ def serve(
     if triton_url:
         options["socket"] = listen_socket(host, port)
         own = (
-            _own_triton(engine_dir) if triton_url == "auto" else contextlib.nullcontext(triton_url)
+            _own_triton(engine_dir, scheduling)
+            if triton_url == "auto"
+            else contextlib.nullcontext(triton_url)
         )
         with own as url:
             backend, max_seq_len = _triton_backend(engine_dir, url, triton_model)
@@ -373,12 +380,12 @@ def serve(
     def this_rank() -> int:
         if detect_rank_info().is_driver:  # the port first: a user error in a second
             options["socket"] = listen_socket(host, port)
-        engine = load_engine(engine_dir)
+        engine = load_engine(engine_dir, scheduling=scheduling)
         if not engine.is_driver:
             engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
             return 0
         try:  # whatever happens on rank 0, release the other ranks
-            backend = InProcessBackend(engine, window_s=batch_window_ms / 1000.0)
+            backend = InProcessBackend(engine, scheduling)
             _run_app(backend, engine.max_seq_len, model_name, options)
         finally:
             engine.shutdown()

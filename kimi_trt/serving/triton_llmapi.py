@@ -45,7 +45,7 @@ def llmapi_model_config(
                 "engine_dir": str(engine.path),
                 "world_size": engine.world_size,
                 "max_input_len": engine.max_input_len,
-                "batch_window_ms": opts.batch_window_ms,
+                **opts.scheduling.parameters(),
             }
         ),
     }

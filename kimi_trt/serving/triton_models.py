@@ -4,7 +4,8 @@
   each request streams one response per generated token (`output_ids`, `text_output`
   delta) and ends with a final response carrying `finish_reason`; with `streaming=false`
   it sends everything in one response. Requests from all clients go through one
-  EngineBatcher, so concurrent requests share `generate` calls. An optional `output_spec`
+  EngineBatcher: each joins the runtime's generation loop at its next step (continuous
+  batching, prefix cache; the `batching`/`prefill_chunk`/`prefix_cache` parameters). An optional `output_spec`
   (chat/constraint.OutputSpec as JSON) makes the model build the request's decoding
   constraint, exactly as the API server's in-process backend does. A client that cancels
   (gRPC stream closed, `response_sender.is_cancelled()`) ends its request in the runtime.
@@ -171,15 +172,16 @@ class KimiEngineModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         from kimi_trt.runtime.engine import load_engine
+        from kimi_trt.runtime.scheduling import Scheduling
         from kimi_trt.serving.batcher import EngineBatcher
 
         params = _parameters(args)
         if not _pb().using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
             raise ValueError("the kimi model must be decoupled (kimi_sync serves whole responses)")
-        self.engine = load_engine(params["engine_dir"])
+        scheduling = Scheduling.from_parameters(params)
+        self.engine = load_engine(params["engine_dir"], scheduling=scheduling)
         self.tokenizer = self.engine.tokenizer
-        window = float(params.get("batch_window_ms", "5")) / 1000.0
-        self.batcher = EngineBatcher(self.engine, window_s=window)
+        self.batcher = EngineBatcher(self.engine, scheduling)
         self.metrics = _EngineMetrics()
         self.constraints = None  # a ConstraintFactory, made for the first constrained request
 
@@ -208,7 +210,7 @@ class KimiEngineModel:
         return self.tokenizer.encode(_text(text.reshape(-1)[0]))
 
     def _submit(self, request) -> None:
-        from kimi_trt.serving.batcher import BatchRequest
+        from kimi_trt.runtime.generate import GenerationRequest
 
         streaming = bool(_scalar(request, "streaming", True))
         sender = request.get_response_sender()
@@ -220,7 +222,7 @@ class KimiEngineModel:
             responder.on_done(None, UserError(str(e)))
             return
         self.batcher.submit(
-            BatchRequest(prompt, params, responder.on_token, responder.on_done, constraint)
+            GenerationRequest(prompt, params, responder.on_token, responder.on_done, constraint)
         )
 
     def execute(self, requests):

@@ -112,7 +112,7 @@ def torch_model_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, d
         "input": TORCH_INPUTS,
         "output": TORCH_OUTPUTS,
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
-        "parameters": string_parameters({**common, "batch_window_ms": opts.batch_window_ms}),
+        "parameters": string_parameters({**common, **opts.scheduling.parameters()}),
     }
     sync = {
         "name": TORCH_SYNC_MODEL,
