@@ -2,9 +2,12 @@
 and in-process (world 1) through `collect`.
 
 SPEC (JSON): {"engines": {name: dir}, "prompts": [[ids]], "steps": n, "out": dir,
+              "prefill_chunk": n | null,
               "kill": {"rank": r, "after_steps": k, "how": "kill" | "hang"} | null}
 For each engine, in order, rank 0 stores score logits, greedy tokens and per-step decode
-logits in OUT/<name>.pt; the other ranks follow in worker_loop. "kill" makes rank r
+logits in OUT/<name>.pt - of the batch, of one prompt alone, and of prompts sharing a long
+prefix sent one after another (the later ones reuse the first one's cached KV blocks);
+the other ranks follow in worker_loop. "kill" makes rank r
 SIGKILL itself, or hang forever, in the middle of a run (the no-hang tests).
 """
 
@@ -21,6 +24,10 @@ import torch
 
 from kimi_trt.runtime.engine import load_engine
 from kimi_trt.runtime.sampling import SamplingParams
+from kimi_trt.runtime.scheduling import KV_BLOCK_SIZE, Scheduling
+
+# two and a half KV blocks shared by the prefix prompts
+SHARED_PREFIX = [(7 * i + 3) % 1000 for i in range(KV_BLOCK_SIZE * 5 // 2)]
 
 
 def collect(engine, prompts: list[list[int]], steps: int) -> dict:
@@ -28,12 +35,16 @@ def collect(engine, prompts: list[list[int]], steps: int) -> dict:
     greedy = SamplingParams(max_new_tokens=steps, stop_token_ids=(), return_logits=True)
     batch = engine.generate(prompts, greedy)
     single = engine.generate(prompts[:1], greedy)[0]
+    prefixed = [engine.generate([SHARED_PREFIX + p], greedy)[0] for p in prompts]
     return {
         "score": engine.score(prompts),
         "tokens": [r.tokens for r in batch],
         "decode_logits": [torch.stack(r.logits) for r in batch],
         "single_tokens": single.tokens,
         "single_logits": torch.stack(single.logits),
+        "prefix_tokens": [r.tokens for r in prefixed],
+        "prefix_logits": [torch.stack(r.logits) for r in prefixed],
+        "prefix_cached": [r.cached_tokens for r in prefixed],
     }
 
 
@@ -61,8 +72,10 @@ def main(spec_path: str) -> int:
     if kill and kill["rank"] == rank:
         _fail_after(kill["after_steps"], kill.get("how", "kill"))
     out = Path(spec["out"])
+    chunk = spec.get("prefill_chunk")
+    scheduling = Scheduling(prefill_chunk=chunk) if chunk else None
     for name, engine_dir in spec["engines"].items():
-        engine = load_engine(engine_dir)
+        engine = load_engine(engine_dir, scheduling=scheduling)
         if engine.is_driver:
             torch.save(collect(engine, spec["prompts"], spec["steps"]), out / f"{name}.pt")
             engine.shutdown()

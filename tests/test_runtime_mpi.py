@@ -4,8 +4,10 @@ Each mpirun job runs several layouts in a row (one process-group start-up per wo
 world 2: TP2 (experts split by moe_tp), EP2, attention-DP2 (EP2), and EP2 on tiny-groups;
 world 4: TP4 (= moe_tp 2 x ep 2) and attention-DP4. Compared with world 1 on the same
 weights: prefill logits and every decode step's logits within 1e-5 of the logit scale,
-identical greedy tokens for 32 steps (a batch of 3 prompts of different lengths, and one
-prompt alone, which leaves attention-DP ranks with no sequence of their own).
+identical greedy tokens for 32 steps (a batch of 3 prompts of different lengths, one
+prompt alone, which leaves attention-DP ranks with no sequence of their own, and prompts
+sharing an 80-token prefix, which reuse its cached KV blocks). The sharded jobs prefill in
+chunks of 4 tokens, world 1 in one piece, so the chunked path is checked on every layout.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tests.runtime_support import LAYOUTS, PROMPTS, STEPS, converted, mpi_env, m
 pytestmark = pytest.mark.mpi
 REPO = Path(__file__).resolve().parent.parent
 JOB = REPO / "tests" / "runtime_job.py"
+PREFILL_CHUNK = 4
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def run_job(world: int, engines: dict[str, Path], out: Path, kill=None, timeout=
                 "steps": STEPS,
                 "out": str(out),
                 "kill": kill,
+                "prefill_chunk": PREFILL_CHUNK,
             }
         )
     )
@@ -71,6 +75,11 @@ def assert_same_as_world1(got: dict, want: dict) -> None:
         assert rel_err(g, w) <= 1e-5
     assert got["single_tokens"] == want["single_tokens"]
     assert rel_err(got["single_logits"], want["single_logits"]) <= 1e-5
+    assert got["prefix_tokens"] == want["prefix_tokens"]
+    for g, w in zip(got["prefix_logits"], want["prefix_logits"], strict=True):
+        assert rel_err(g, w) <= 1e-5
+    # the first prefixed prompt fills the cache; the others take its two full blocks
+    assert got["prefix_cached"] == want["prefix_cached"] == [0, 64, 64]
 
 
 @pytest.mark.parametrize(

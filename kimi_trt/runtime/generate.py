@@ -4,8 +4,9 @@ Why continuous: requests arrive one by one (a server) while others are generatin
 joins the running loop at its next step instead of waiting for a whole batch to finish.
 `GenerationLoop.submit` queues a request; every `step()`:
   1. ends cancelled requests and seats waiting ones while seats are free (a seat bounds
-     the batch; its attention-DP owner is the least loaded rank), taking the cached
-     blocks of the longest prompt prefix already computed (kv_blocks.BlockPool);
+     the batch), taking the cached blocks of the longest prompt prefix already computed
+     (kv_blocks.BlockPool); under attention DP each rank has its own pool, and a request
+     goes to the rank holding most of its prefix, else to the least loaded one;
   2. builds one StepPlan: a decode token for every running request, then prompt chunks
      of the seated requests still prefilling, oldest first, up to `prefill_chunk` prompt
      tokens - so a long prompt is prefilled over several steps and never stalls decode;
@@ -219,19 +220,22 @@ class GenerationLoop:
     def _admit(self) -> None:
         while self.waiting and self.free:
             seq = self.waiting.popleft()
-            seq.slot = self._pick_slot()
+            seq.slot = self._pick_slot(seq.result.prompt_tokens)
             seq.pool = self.pools[self.owner(seq.slot)]
             seq.blocks = seq.pool.match(seq.result.prompt_tokens)
             seq.computed = len(seq.blocks) * seq.pool.block_size
             seq.result.cached_tokens = seq.computed
             self.active[seq.slot] = seq
 
-    def _pick_slot(self) -> int:
-        """The free seat whose attention-DP owner runs the fewest requests (lowest on ties)."""
+    def _pick_slot(self, prompt: list[int]) -> int:
+        """The free seat whose owner caches the most of `prompt`, then runs the fewest
+        requests (lowest seat on ties)."""
         load: dict[int | None, int] = {}
         for s in self.active:
             load[self.owner(s)] = load.get(self.owner(s), 0) + 1
-        best = min(self.free, key=lambda s: (load.get(self.owner(s), 0), s))
+        hit = {o: len(pool.cached(prompt)) for o, pool in self.pools.items()}
+        owner = self.owner
+        best = min(self.free, key=lambda s: (-hit[owner(s)], load.get(owner(s), 0), s))
         self.free.remove(best)
         return best
 

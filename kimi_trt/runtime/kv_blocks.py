@@ -71,9 +71,9 @@ class BlockPool:
         return -(-tokens // self.block_size)
 
     # ---- sequences -----------------------------------------------------------------
-    def match(self, prompt: list[int]) -> list[int]:
-        """Take the cached blocks holding the longest full-block prefix of `prompt` (at
-        least one prompt token is left to compute). The caller owns a reference to each."""
+    def cached(self, prompt: list[int]) -> list[int]:
+        """The cached blocks holding the longest full-block prefix of `prompt`, leaving at
+        least one prompt token to compute (a look-up: nothing is taken or counted)."""
         full = (len(prompt) - 1) // self.block_size if self.prefix_cache else 0
         blocks, parent = [], _ROOT
         for i in range(full):
@@ -82,6 +82,11 @@ class BlockPool:
             if block is None:
                 break
             blocks.append(block)
+        return blocks
+
+    def match(self, prompt: list[int]) -> list[int]:
+        """Take `cached(prompt)`: the caller owns a reference to each block."""
+        blocks = self.cached(prompt)
         for block in blocks:
             self._take(block)
         if self.prefix_cache:
