@@ -69,9 +69,10 @@ def run_steps(engine, clock: list[int], n: int | None = None) -> None:
 
 
 def test_chunked_prefill_matches_transformers(engine_dir, plain, ref):
-    """A 103-token prompt prefilled 5 tokens a step (21 steps, cached attention for every
-    chunk after the first) gives transformers' logits and greedy continuation."""
-    chunked = load_engine(engine_dir, scheduling=Scheduling(prefill_chunk=5))
+    """A 103-token prompt prefilled 6 tokens a step (18 steps, attention over the cache for
+    every chunk after the first; the last chunk is one token) gives transformers' logits
+    and greedy continuation."""
+    chunked = load_engine(engine_dir, scheduling=Scheduling(prefill_chunk=6))
     got = chunked.generate([LONG], greedy(8))[0]
     full = LONG + got.tokens
     with torch.no_grad():

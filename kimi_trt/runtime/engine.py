@@ -339,7 +339,8 @@ class Engine:
                 for pool, p in zip(owners, chunk, strict=True)
             ]
             try:
-                logits = self._step(StepPlan(slots, chunk, [0] * len(chunk), tables, True))
+                plan = StepPlan(slots, chunk, [0] * len(chunk), tables, [False] * len(chunk), True)
+                logits = self._step(plan)
             finally:
                 for pool, table in zip(owners, tables, strict=True):
                     pool.release(table)

@@ -14,11 +14,12 @@ computes, and which collective joins the shares, follows the checkpoint's Mappin
 
 Attention caches only the MLA latent per token and layer: c (kv_lora_rank values, after
 kv_a_layernorm) and the rotated k_pe (qk_rope_head_dim), never per-head K/V, in a pool of
-fixed-size blocks (runtime/kv_blocks.py keeps the tables on rank 0). A prompt starting at
-position 0 uses the unabsorbed projections (q_b_proj, kv_b_proj) over its own tokens;
-tokens that continue a cached sequence (decode, later prefill chunks, the rest of a prompt
-after a prefix-cache hit) use the absorbed ones (fused_q_proj for q, kv_b_proj's v rows
-after attention) over the cache, as the TensorRT-LLM kernels do.
+fixed-size blocks (runtime/kv_blocks.py keeps the tables on rank 0). Prompt tokens use the
+unabsorbed projections (q_b_proj, kv_b_proj): over their own tokens when the prompt
+starts at position 0, over the up-projected cached latents too when it continues one (a
+later prefill chunk, the rest of a prompt after a prefix-cache hit). Decode uses the
+absorbed ones (fused_q_proj for q, kv_b_proj's v rows after attention) over the cache, as
+the TensorRT-LLM kernels do.
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ class StepPlan:
     (the seat decides the attention-DP owner), whose latents live in the owner's pool
     blocks `blocks[i]` (position p in block blocks[i][p // block_size]); the table covers
     every position up to the entry's last token. Entries of one step may mix whole
-    prompts, prompt chunks and single decode tokens. Logits come back for the last token
-    of each entry, or every token if `all_logits`.
+    prompts, prompt chunks and generated tokens; `decode[i]` marks a generated token
+    (absorbed attention), the others are prompt tokens (unabsorbed, whatever their
+    count). Logits come back for the last token of each entry, or every token if
+    `all_logits`.
     """
 
     slots: list[int]
     tokens: list[list[int]]
     starts: list[int]
     blocks: list[list[int]]
+    decode: list[bool]
     all_logits: bool = False
 
 
@@ -83,8 +87,8 @@ class _Batch:
     token_offsets: torch.Tensor  # [N] row inside that block
     seq_lens: list[int]
     fresh: _Group | None  # entries starting at position 0: attend among their own tokens
-    decode: _Group | None  # one-token entries over the cache, batched
-    extend: list[_Group]  # multi-token entries over the cache, one group each
+    decode: _Group | None  # one-token entries over the cache, batched (absorbed)
+    extend: list[_Group]  # multi-token entries over the cache, one group each (unabsorbed)
 
 
 class TorchExecutor:
@@ -209,7 +213,7 @@ class TorchExecutor:
             blocks += [table[p // bs] for p in span]
             offsets += [p % bs for p in span]
             lens.append(n)
-            group = fresh if start == 0 else decode if n == 1 else extend
+            group = decode if plan.decode[i] else fresh if start == 0 else extend
             group.append((rows, n, table))
         dev = self.device
         t = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
@@ -269,13 +273,13 @@ class TorchExecutor:
             o[g.rows] = L.mla_prefill(
                 cq[g.rows], latent[g.rows], layer.attn, d, self.rope, g.positions, g.lens
             )
-        for g in ([b.decode] if b.decode is not None else []) + b.extend:
-            e, t = len(g.lens), g.lens[0]  # a decode group's entries have one token each
+        if b.decode is not None:
+            g = b.decode
             ctx = cache[g.tables].flatten(1, 2)  # [entries, blocks * block_size, width]
-            out = L.mla_cached(
-                cq[g.rows].view(e, t, -1), ctx, g.positions.view(e, t), layer.attn, d, self.rope
-            )
-            o[g.rows] = out.reshape(e * t, -1)
+            o[g.rows] = L.mla_decode(cq[g.rows], ctx, layer.attn, d, self.rope, g.positions)
+        for g in b.extend:
+            ctx = cache[g.tables[0]].flatten(0, 1)  # [blocks * block_size, width]
+            o[g.rows] = L.mla_extend(cq[g.rows], ctx, layer.attn, d, self.rope, g.positions)
         out = o @ layer.attn.dense.T
         if not self.dp and self.mapping.attn_tp_size > 1:
             self.comm.all_reduce(out)

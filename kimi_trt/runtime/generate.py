@@ -186,6 +186,7 @@ class GenerationLoop:
             tokens=[toks for _, toks in entries],
             starts=[s.computed if s.prefilling else s.length - 1 for s in seqs],
             blocks=[list(s.blocks) for s in seqs],
+            decode=[not s.prefilling for s in seqs],
         )
         try:
             logits = self.run_step(plan)

@@ -80,6 +80,21 @@ def mla_latent(
     return cq, torch.cat((c, k_pe), dim=-1)
 
 
+def _q_heads(cq: torch.Tensor, w: AttentionWeights, d: MlaDims, rope: Rope, positions):
+    """Unabsorbed per-head queries [N, hl, nope + rope] (q_b_proj, RoPE on the rope dims)."""
+    q = (cq @ w.q_b.T).view(cq.shape[0], d.heads, d.nope + d.rope)
+    return torch.cat((q[..., : d.nope], rope(q[..., d.nope :], positions)), dim=-1)
+
+
+def _kv_heads(latent: torch.Tensor, w: AttentionWeights, d: MlaDims):
+    """Per-head keys [L, hl, nope + rope] and values [L, hl, vd] from latent rows (kv_b_proj;
+    the rotated k_pe is shared by every head)."""
+    n = latent.shape[0]
+    kv = (latent[:, : d.kv_lora] @ w.kv_b.T).view(n, d.heads, d.nope + d.v)
+    k_pe = latent[:, None, d.kv_lora :].expand(n, d.heads, d.rope)
+    return torch.cat((kv[..., : d.nope], k_pe), dim=-1), kv[..., d.nope :]
+
+
 def mla_prefill(
     cq: torch.Tensor,
     latent: torch.Tensor,
@@ -94,14 +109,8 @@ def mla_prefill(
     cq [N, ql] and latent [N, kl + rope] are the packed tokens of sequences of `seq_lens`
     (each starting at position 0). Returns attention outputs before `dense`: [N, hl*vd].
     """
-    n = cq.shape[0]
-    q = (cq @ w.q_b.T).view(n, d.heads, d.nope + d.rope)
-    q_pe = rope(q[..., d.nope :], positions)
-    q = torch.cat((q[..., : d.nope], q_pe), dim=-1)
-    kv = (latent[:, : d.kv_lora] @ w.kv_b.T).view(n, d.heads, d.nope + d.v)
-    k_pe = latent[:, None, d.kv_lora :].expand(n, d.heads, d.rope)
-    k = torch.cat((kv[..., : d.nope], k_pe), dim=-1)
-    v = kv[..., d.nope :]
+    q = _q_heads(cq, w, d, rope, positions)
+    k, v = _kv_heads(latent, w, d)
     outs = []
     start = 0
     for length in seq_lens:
@@ -118,35 +127,57 @@ def mla_prefill(
     return torch.cat(outs, dim=0)
 
 
-def mla_cached(
+def mla_extend(
     cq: torch.Tensor,
     ctx: torch.Tensor,
-    positions: torch.Tensor,
     w: AttentionWeights,
     d: MlaDims,
     rope: Rope,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
-    """Absorbed attention of T new tokens per sequence over its latent cache (MQA, kl + rope).
+    """Unabsorbed attention of T new prompt tokens of one sequence over its cached latents
+    (a later prefill chunk, or the rest of a prompt after a prefix-cache hit).
 
-    Decode (T = 1) and continued prefill (a later chunk of a prompt, or the rest of one
-    after a prefix-cache hit) alike. cq [E, T, ql]; ctx [E, L, kl + rope], the sequences'
-    cached rows, already holding the new tokens'; positions [E, T]: the query at p sees
-    rows 0..p. Returns outputs before `dense`: [E, T, hl*vd].
+    The cached rows are up-projected with kv_b_proj, as vLLM's MLA prefill does for its
+    context, so a chunked or prefix-cached prompt gets the same math (and precision) as a
+    prompt prefilled in one piece. cq [T, ql]; ctx [L, kl + rope] holding rows 0..p of the
+    last new token (and possibly more); positions [T] ascending. Returns [T, hl*vd].
     """
-    e, t = positions.shape
-    width = d.kv_lora + d.rope
-    qa = (cq.reshape(e * t, -1) @ w.fused_q.T).view(e * t, d.heads, width)
-    qa = torch.cat((qa[..., : d.kv_lora], rope(qa[..., d.kv_lora :], positions.reshape(-1))), -1)
-    qa = qa.view(e, t * d.heads, width)
-    scores = torch.matmul(qa, ctx.transpose(1, 2)).to(torch.float32) * d.scale  # [E, T*hl, L]
-    rows = torch.arange(ctx.shape[1], device=ctx.device)
-    invalid = rows[None, None, :] > positions[:, :, None]  # [E, T, L]
-    scores = scores.view(e, t, d.heads, -1).masked_fill_(invalid[:, :, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(ctx.dtype).view(e, t * d.heads, -1)
-    o_lat = torch.matmul(p, ctx[..., : d.kv_lora]).view(e * t, d.heads, d.kv_lora)
+    q = _q_heads(cq, w, d, rope, positions)
+    length = int(positions[-1]) + 1
+    k, v = _kv_heads(ctx[:length], w, d)
+    visible = torch.arange(length, device=ctx.device)[None, :] <= positions[:, None]  # [T, L]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=visible, scale=d.scale
+    )
+    return o.transpose(0, 1).reshape(cq.shape[0], d.heads * d.v)
+
+
+def mla_decode(
+    cq: torch.Tensor,
+    ctx: torch.Tensor,
+    w: AttentionWeights,
+    d: MlaDims,
+    rope: Rope,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Absorbed attention of one new token per sequence over its latent cache (MQA over
+    kl + rope), as TensorRT-LLM's MLA generation kernels do.
+
+    cq [B, ql]; ctx [B, L, kl + rope], each sequence's cached rows, already holding the new
+    token's; positions [B]: the token at p sees rows 0..p. Returns [B, hl*vd].
+    """
+    b = cq.shape[0]
+    qa = (cq @ w.fused_q.T).view(b, d.heads, d.kv_lora + d.rope)
+    qa = torch.cat((qa[..., : d.kv_lora], rope(qa[..., d.kv_lora :], positions)), dim=-1)
+    scores = torch.matmul(qa, ctx.transpose(1, 2)).to(torch.float32) * d.scale  # [B, hl, L]
+    invalid = torch.arange(ctx.shape[1], device=ctx.device)[None, :] > positions[:, None]
+    scores.masked_fill_(invalid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(ctx.dtype)
+    o_lat = torch.matmul(p, ctx[..., : d.kv_lora])  # [B, hl, kl]
     w_v = w.kv_b.view(d.heads, d.nope + d.v, d.kv_lora)[:, d.nope :]  # [hl, vd, kl]
-    out = torch.einsum("nhk,hvk->nhv", o_lat, w_v)
-    return out.reshape(e, t, d.heads * d.v)
+    out = torch.einsum("bhk,hvk->bhv", o_lat, w_v)
+    return out.reshape(b, d.heads * d.v)
 
 
 def swiglu(x: torch.Tensor, up_gate: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
