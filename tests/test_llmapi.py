@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from safetensors import safe_open
 
 from kimi_trt.config import build_config_from_dict, load_model_config
 from kimi_trt.convert.reader import HFCheckpoint
-from kimi_trt.errors import CheckpointError, ConfigError, MissingCapability
+from kimi_trt.errors import CheckpointError, ConfigError, MissingCapability, UserError
 from kimi_trt.llmapi.checkpoint import check_checkpoint, requantize_ue8m0
 from kimi_trt.llmapi.options import (
     NESTED,
@@ -28,6 +29,7 @@ from kimi_trt.llmapi.options import (
 )
 from kimi_trt.llmapi.support import llmapi_problems
 from kimi_trt.runtime.llmapi_backend import (
+    LlmApiEngine,
     llm_kwargs,
     read_llmapi_dir,
     sampling_kwargs,
@@ -198,6 +200,19 @@ def test_sampling_kwargs_map_ours_to_tensorrt_llm():
     assert sampled["end_id"] == -1 and sampled["stop_token_ids"] == []
     fields = set(pinned_fields()["classes"]["SamplingParams"])
     assert set(greedy) <= fields and set(sampled) <= fields
+
+
+def test_generate_refuses_constraints_and_bad_prompts_before_submitting():
+    """requests.unconstrained_batch: the refusals come before the LLM is touched (it is None)."""
+    d = SimpleNamespace(world_size=1, max_batch_size=2, max_input_len=4, max_seq_len=8,
+                        vocab_size=10, eos_token_id=1)  # fmt: skip
+    engine = LlmApiEngine(d, llm=None, rank=0, tokenizer=None)
+    with pytest.raises(UserError, match="constrained decoding is not available on the LLM API"):
+        engine.generate([[1, 2]], constraints=[object()])
+    with pytest.raises(UserError, match="prompt 0 has 5 tokens"):
+        engine.generate([[1, 2, 3, 4, 5]], constraints=[None])
+    with pytest.raises(UserError, match="2 sampling params for 1 prompts"):
+        engine.generate([[1]], [SamplingParams(), SamplingParams()])
 
 
 def test_tensorrt_llm_accepts_the_options(tiny_ckpt, tmp_path):

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from kimi_trt.engine_dir import ENGINE_CONFIG, LLMAPI_BACKEND
-from kimi_trt.errors import ConfigError, MissingCapability, UserError
+from kimi_trt.errors import ConfigError, MissingCapability
 from kimi_trt.llmapi.options import OPTIONS_FILE, read_options
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info
-from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
+from kimi_trt.runtime.requests import check_prompts, default_stop_ids, unconstrained_batch
 from kimi_trt.runtime.sampling import SamplingParams
 
 PINNED = "tensorrt-llm==1.2.1"
@@ -188,10 +188,7 @@ class LlmApiEngine:
         constraints: list | None = None,
     ) -> list[GenerationResult]:
         """Every prompt submitted at once (TensorRT-LLM batches them in flight), streamed."""
-        if constraints and any(c is not None for c in constraints):
-            raise UserError("constrained decoding is not available on the LLM API backend")
-        plist = sampling_params_list(prompts, params)
-        self.validate_prompts(prompts, plist)
+        plist = unconstrained_batch(self, prompts, params, constraints, "the LLM API backend")
         results = [GenerationResult(prompt_tokens=list(p)) for p in prompts]
 
         async def one(i: int) -> None:

@@ -49,6 +49,27 @@ def sampling_params_list(
     return list(params)
 
 
+def unconstrained_batch(
+    engine,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams] | None,
+    constraints: list | None,
+    backend: str,
+) -> list[SamplingParams]:
+    """The start of `generate` on a backend without token constraints (the TensorRT-LLM
+    adapters): refuse any constraint, then one SamplingParams per prompt, each prompt
+    checked by `engine.validate_prompts`.
+
+    Shared so both adapters refuse a constrained request, and a bad prompt, the same way;
+    `backend` ends the message ("constrained decoding is not available on {backend}").
+    """
+    if constraints and any(c is not None for c in constraints):
+        raise UserError(f"constrained decoding is not available on {backend}")
+    plist = sampling_params_list(prompts, params)
+    engine.validate_prompts(prompts, plist)
+    return plist
+
+
 def default_stop_ids(config_eos: Iterable[int], tokenizer) -> tuple[int, ...]:
     """Default stop ids: config eos, plus the tokenizer's (<|im_end|>) when present."""
     ids = list(config_eos)

@@ -17,10 +17,10 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from kimi_trt.errors import ConfigError, MissingCapability, UserError
+from kimi_trt.errors import ConfigError, MissingCapability
 from kimi_trt.runtime.generate import GenerationResult, OnToken
 from kimi_trt.runtime.launch import check_world_size, detect_rank_info
-from kimi_trt.runtime.requests import check_prompts, default_stop_ids, sampling_params_list
+from kimi_trt.runtime.requests import check_prompts, default_stop_ids, unconstrained_batch
 from kimi_trt.runtime.sampling import SamplingParams
 
 _POLL = timedelta(milliseconds=100)
@@ -116,10 +116,7 @@ class TrtllmEngine:
         on_token: OnToken | None = None,
         constraints: list | None = None,
     ) -> list[GenerationResult]:
-        if constraints and any(c is not None for c in constraints):
-            raise UserError("constrained decoding is not available on TensorRT-LLM engines")
-        plist = sampling_params_list(prompts, params)
-        self.validate_prompts(prompts, plist)
+        plist = unconstrained_batch(self, prompts, params, constraints, "TensorRT-LLM engines")
         ids = self._executor.enqueue_requests(
             [self._request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         )
