@@ -179,6 +179,16 @@ def test_tiny_config_splits_for_tp2_ep2_layouts():
         assert layout_problems(cfg, m) == []
 
 
+@pytest.mark.skipif(
+    not (DEFAULT_CHECKPOINT / "config.json").is_file(), reason="tiny-kimi asset not trained yet"
+)
+def test_tiny_config_keeps_the_shipped_models_rope():
+    """prepare takes its YaRN from convert.synth (TINY_ROPE_SCALING): a change there must
+    not silently give a retrained tiny model another rope than the shipped one."""
+    cfg = prepare.tiny_model_config(2304, 2048, layers=4, experts=8)
+    assert cfg.rope_scaling == load_model_config(DEFAULT_CHECKPOINT).rope_scaling
+
+
 def run_script(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run one of our scripts; on failure the assertion carries the tail of its stderr
     (CI shows only the test's own output, so a bare CalledProcessError would hide why)."""

@@ -36,6 +36,20 @@ REFERENCE_CONFIG = ASSETS / "kimi-k2-instruct.config.json"
 # The packaged 1024 + 256 vocabulary; copied into checkpoints whose vocab_size matches it.
 SMALL_VOCAB_DIR = ASSETS / "small-vocab"
 
+# YaRN 4x over 512 positions (2048 in all), in Kimi-K2's config.json form. The one
+# definition for the tiny presets and the shipped tiny model (tinymodel/prepare.py's
+# TINY_SHAPES), which use the same rope. Changing it changes the trained model's rope too:
+# tests/test_tiny_model.py holds it to kimi_trt/assets/tiny-kimi/config.json.
+TINY_ROPE_SCALING: dict[str, Any] = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 512,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
 _TINY: dict[str, Any] = {
     "hidden_size": 256,
     "intermediate_size": 1024,
@@ -57,15 +71,7 @@ _TINY: dict[str, Any] = {
     "bos_token_id": 1024,
     "eos_token_id": 1025,
     "max_position_embeddings": 2048,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 512,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    "rope_scaling": TINY_ROPE_SCALING,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,

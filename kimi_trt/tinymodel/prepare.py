@@ -23,7 +23,7 @@ from kimi_trt.chat.kimi_format import ARGUMENT_BEGIN, CALL_END
 from kimi_trt.chat.template import render_chat
 from kimi_trt.chat.tokenizer import KimiTokenizer
 from kimi_trt.config import ModelConfig
-from kimi_trt.convert.synth import preset_config
+from kimi_trt.convert.synth import TINY_ROPE_SCALING, preset_config
 from kimi_trt.errors import CheckpointError, ConfigError
 from kimi_trt.mapping import Mapping, layout_problems
 from kimi_trt.testing.hf_reference import (
@@ -60,15 +60,7 @@ TINY_SHAPES = {
     "topk_group": 1,
     "initializer_range": 0.05,
     "max_position_embeddings": 2048,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 512,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    "rope_scaling": TINY_ROPE_SCALING,
 }
 
 
