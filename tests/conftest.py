@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m kimi_trt.cli ARGS` as a user runs it (venv first on PATH), output captured
+    as text. One definition for the tests that drive the real CLI in a subprocess; each file
+    picks its own timeout."""
+    return subprocess.run(
+        [sys.executable, "-m", "kimi_trt.cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import yaml
 
 from kimi_trt.build import run_build
 from kimi_trt.convert.rank_checkpoint import read_rank_config
-from tests.conftest import K2_CONFIG, REPO, cli_env
+from tests.conftest import K2_CONFIG, REPO, cli_env, run_cli
 
 CONFIGS = REPO / "build_configs"
 
@@ -39,14 +40,7 @@ def write_config(tmp: Path, base: str, ckpt: Path, **changes) -> Path:
     return path
 
 
-def kimi(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kimi_trt.cli", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=timeout,
-    )
+kimi = partial(run_cli, timeout=120)  # kimi(*args, timeout=...) -> CompletedProcess
 
 
 def quiet_build(config: Path, stop_after: str | None = None):

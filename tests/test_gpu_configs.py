@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,21 +28,14 @@ from kimi_trt.errors import ConfigError
 from kimi_trt.llmapi.options import OPTIONS_FILE, read_options
 from kimi_trt.plan import load_plan
 from kimi_trt.plan_report import plan_summary_line
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, run_cli
 
 CONFIGS = REPO / "build_configs"
 GPU_CONFIGS = ["b200_ep8", "h200_ep8", "h100_ep16_2node", "h200_tp16_2node"]
 LLMAPI_GPU_CONFIGS = ["b200_ep8", "h200_ep8", "h100_ep16_2node"]
 
 
-def kimi(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kimi_trt.cli", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=timeout,
-    )
+kimi = partial(run_cli, timeout=600)  # kimi(*args, timeout=...) -> CompletedProcess
 
 
 @pytest.mark.parametrize("name", [*GPU_CONFIGS, "tiny_gpu_llmapi"])

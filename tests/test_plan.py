@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,7 @@ from kimi_trt.plan import (
     scaled_sum,
     source_summary,
 )
-from tests.conftest import K2_CONFIG, cli_env
+from tests.conftest import K2_CONFIG, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +122,7 @@ def test_layout_names_and_candidates(k2):
 
 
 def _run_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kimi_trt.cli", "plan", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    return run_cli("plan", *args, timeout=120)
 
 
 def _plan_in_process(*args: str):
