@@ -39,8 +39,8 @@ from kimi_trt.serving.anthropic_schemas import (
 from kimi_trt.serving.openai_api import (
     ServerState,
     chat_prompt,
+    chat_request,
     check_model,
-    output_spec,
     sampling_params,
 )
 from kimi_trt.serving.pipeline import (
@@ -132,26 +132,10 @@ def build_messages(state: ServerState, req: AnthropicMessagesRequest, received: 
     params = sampling_params(
         state, prompt, req.max_tokens, temperature, req.top_p, req.top_k, req.seed
     )
-    choice = req.tool_choice_name
-    spec = output_spec(
-        state,
-        tools,
-        choice,
-        req.parallel_tool_calls,
-        req.response_format,
-        req.constrain_tool_calls,
-        messages,
-    )
-    return GenerationRequest(
-        prompt,
-        params,
-        req.stop_sequences or [],
-        parse_tools=req.response_format is None,
-        allow_tools=choice != "none",
-        received_at=received,
-        tool_schemas={t.name: t.input_schema for t in req.tools or ()},
-        output=spec,
-        skip_special=req.skip_special_tokens,
+    stop = req.stop_sequences or []
+    # the calls are judged against `tools`, where to_chat put each input_schema
+    return chat_request(
+        state, req, prompt, params, stop, messages, tools, req.response_format, received
     )
 
 

@@ -153,6 +153,50 @@ def output_spec(
     return spec
 
 
+def chat_request(
+    state: ServerState,
+    req: Any,
+    prompt: list[int],
+    params: SamplingParams,
+    stop: list[str],
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    response_format: dict[str, Any] | None,
+    received: float,
+) -> GenerationRequest:
+    """A chat request of either API, rendered and sampled, as a GenerationRequest.
+
+    Shared by OpenAI chat completions and Anthropic messages so that both constrain, parse
+    and judge tool calls alike: the OutputSpec (checked) from the tools, tool_choice,
+    parallel calls, response_format and constrain_tool_calls; tool calls parsed unless the
+    output is JSON, dropped under tool_choice "none", judged against the declared schemas.
+    `req` is a ChatCompletionRequest or an AnthropicMessagesRequest (both give
+    tool_choice_name, parallel_tool_calls, constrain_tool_calls, skip_special_tokens);
+    `messages`/`tools` are in OpenAI's form, `response_format` a format spec or None.
+    """
+    choice = req.tool_choice_name
+    spec = output_spec(
+        state,
+        tools,
+        choice,
+        req.parallel_tool_calls,
+        response_format,
+        req.constrain_tool_calls,
+        messages,
+    )
+    return GenerationRequest(
+        prompt,
+        params,
+        stop,
+        parse_tools=response_format is None,
+        allow_tools=choice != "none",
+        received_at=received,
+        tool_schemas={t.name: t.parameters for t in tool_specs(tools)},
+        output=spec,
+        skip_special=req.skip_special_tokens,
+    )
+
+
 def build_chat(
     state: ServerState, req: ChatCompletionRequest, received: float
 ) -> GenerationRequest:
@@ -165,27 +209,8 @@ def build_chat(
         state, prompt, max_tokens, req.temperature, req.top_p, req.top_k, req.seed
     )
     response_format = req.response_format.spec() if req.response_format else None
-    choice = req.tool_choice_name
-    spec = output_spec(
-        state,
-        tools,
-        choice,
-        req.parallel_tool_calls,
-        response_format,
-        req.constrain_tool_calls,
-        messages,
-    )
-    schemas = {t.name: t.parameters for t in tool_specs(tools)}
-    return GenerationRequest(
-        prompt,
-        params,
-        req.stop,
-        parse_tools=response_format is None,
-        allow_tools=choice != "none",
-        received_at=received,
-        tool_schemas=schemas,
-        output=spec,
-        skip_special=req.skip_special_tokens,
+    return chat_request(
+        state, req, prompt, params, req.stop, messages, tools, response_format, received
     )
 
 
