@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import anthropic
@@ -483,3 +484,57 @@ def test_refused_requests_are_logged_in_one_line_and_the_server_still_answers(
         line for line in log.splitlines() if "chat 400: max_tokens: an integer of 5000" in line
     ]
     assert len(lines) >= 1
+
+
+LONG_PROMPT = "List numbers"  # the scripted model's greedy continuation runs 400+ tokens
+
+
+def test_requests_join_a_running_generation(server, client, script):
+    """Continuous batching through both clients: while a 400-token completion streams,
+    an Anthropic request (not streamed) and an OpenAI chat (streamed) start and finish
+    with the scripted tool call while most of the long stream is still to come (a batch
+    run to its end would make them wait for all 400 tokens)."""
+    anthropic_client = anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    long = client.completions.create(
+        model=MODEL, prompt=LONG_PROMPT, max_tokens=400, temperature=0, stream=True
+    )
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(c.choices[0] for c in long))
+    reader.start()
+    while not received:
+        time.sleep(0.01)
+    short_anthropic = anthropic_client.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        messages=MESSAGES,
+        tools=[{"name": TOOL_NAME, "input_schema": TOOLS[0]["function"]["parameters"]}],
+        extra_body={"temperature": 0},
+    )
+    short_openai = list(_chat(client, tools=TOOLS, stream=True))
+    long_tokens_meanwhile = len(received)
+    reader.join(120)
+    assert short_anthropic.stop_reason == "tool_use"
+    assert [b.name for b in short_anthropic.content if b.type == "tool_use"] == [TOOL_NAME]
+    _, calls, finish = _assemble_stream(short_openai)
+    assert finish == "tool_calls" and calls[0]["name"] == TOOL_NAME
+    assert received[-1].finish_reason == "length" and len(received) >= 400
+    assert long_tokens_meanwhile < 200
+
+
+def test_a_repeated_prompt_prefix_reuses_the_kv_cache(server, client):
+    """Two agent turns with the same system prompt and tools: the second takes the first
+    one's cached blocks (prefix-cache metrics) and still answers by the script."""
+    system = {"role": "system", "content": "You are a weather agent. " * 20}
+    hits = metric(server, "kimi_trt_prefix_cache_hits_total")
+    hit_tokens = metric(server, "kimi_trt_prefix_cache_hit_tokens_total")
+    for question in ("What is the weather in Paris?", "And the weather in Paris today?"):
+        messages = [system, {"role": "user", "content": question}]
+        out = client.chat.completions.create(
+            model=MODEL, messages=messages, tools=TOOLS, temperature=0
+        )
+        assert out.choices[0].message.tool_calls[0].function.name == TOOL_NAME
+    assert metric(server, "kimi_trt_prefix_cache_hits_total") >= hits + 1
+    assert metric(server, "kimi_trt_prefix_cache_hit_tokens_total") >= hit_tokens + 64
+    assert metric(server, "kimi_trt_requests_running") == 0
+    assert metric(server, "kimi_trt_kv_cache_blocks_used") == 0
+    assert metric(server, "kimi_trt_kv_cache_blocks_total") > 0

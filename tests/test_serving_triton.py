@@ -350,6 +350,42 @@ def test_grpc_cancel_frees_the_engine(triton):
     assert generated - tokens_before < 2000
 
 
+def test_kimi_model_batches_continuously(triton, engine_dir):
+    """A short request sent while a 400-token one streams is answered (by the script) while
+    most of the long one is still to come, and the long one runs on to its length."""
+    long = {
+        "text_input": np.asarray([b"Once upon a time"], dtype=np.object_),
+        "request_output_len": np.asarray([400], dtype=np.int32),
+        "temperature": np.asarray([0.0], dtype=np.float32),
+        "stop_token_ids": np.asarray([], dtype=np.int32),
+    }
+    received: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put((result, error)))
+    client.async_stream_infer("kimi", _inputs(grpcclient, long))
+    responses = [received.get(timeout=60)]
+    try:
+        short, reason = grpc_generate(triton.grpc_url, scripted_chat_inputs(engine_dir))
+        long_tokens_meanwhile = len(responses) + received.qsize()
+        while not responses[-1][0].as_numpy("finish_reason")[0]:
+            responses.append(received.get(timeout=120))
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(error is None for _, error in responses)
+    tokens = [int(t) for r in short for t in r.as_numpy("output_ids")]
+    assert tokens == script_tokens(engine_dir) and reason == "stop"
+    assert responses[-1][0].as_numpy("finish_reason")[0].decode() == "length"
+    assert len(responses) == 401 and long_tokens_meanwhile < 200
+    total = 'kimi_trt_triton_kv_blocks_total{model="kimi"}'
+    for _ in range(50):  # Triton publishes metrics periodically
+        if triton_metric(triton, total) > 0:
+            break
+        time.sleep(0.1)
+    assert triton_metric(triton, total) > 0
+    assert triton_metric(triton, 'kimi_trt_triton_running{model="kimi"}') == 0
+
+
 def test_trtllm_text_models(triton, engine_dir):
     """The TensorRT-LLM repository's preprocessing/postprocessing with KimiTokenizer."""
     tokenizer = KimiTokenizer.from_dir(SMALL_VOCAB)

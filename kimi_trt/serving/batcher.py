@@ -42,6 +42,8 @@ class EngineBatcher:
     def __init__(self, engine, scheduling: Scheduling):
         self.engine = engine
         self.continuous = scheduling.batching == "continuous" and hasattr(engine, "step")
+        if self.continuous:
+            _ = engine.loop  # made (KV pools allocated) here, before any thread reads stats()
         self.window_s = scheduling.batch_window_ms / 1000.0
         self.max_requests = max(1, 4 * engine.max_batch_size)
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()

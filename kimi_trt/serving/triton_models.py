@@ -77,11 +77,30 @@ def sampling_from_request(request):
     )
 
 
-class _EngineMetrics:
-    """Custom metrics on Triton's /metrics: finished requests by reason, generated tokens."""
+LOOP_GAUGES = {
+    "running": "Requests in the runtime's generation loop",
+    "waiting": "Requests queued for a seat in the generation loop",
+    "kv_blocks_used": "KV cache blocks held by running requests",
+    "kv_blocks_total": "KV cache blocks in the pools",
+    "prefix_hits": "Prompts that reused cached KV blocks (since the model loaded)",
+    "prefix_hit_tokens": "Prompt tokens taken from the prefix cache (since the model loaded)",
+}
 
-    def __init__(self):
+
+class _EngineMetrics:
+    """Custom metrics on Triton's /metrics: finished requests by reason, generated tokens,
+    and the generation loop's state (`stats`: the batcher's LoopStats, None under static
+    batching), refreshed as requests come and go (Triton's Python metrics are pushed)."""
+
+    def __init__(self, stats):
         pb = _pb()
+        self._stats = stats
+        self._loop = {
+            key: pb.MetricFamily(
+                name=f"kimi_trt_triton_{key}", description=doc, kind=pb.MetricFamily.GAUGE
+            ).Metric(labels={"model": "kimi"})
+            for key, doc in LOOP_GAUGES.items()
+        }
         self._requests = pb.MetricFamily(
             name="kimi_trt_triton_requests_finished",
             description="Requests of the kimi model by finish reason (stop, length, cancelled, error)",
@@ -103,6 +122,14 @@ class _EngineMetrics:
                 self._by_reason[reason] = self._requests.Metric(labels=labels)
             self._by_reason[reason].increment(1)
             self._tokens.increment(tokens)
+        self.refresh()
+
+    def refresh(self) -> None:
+        stats = self._stats()
+        if stats is None:
+            return
+        for key, metric in self._loop.items():
+            metric.set(float(getattr(stats, key)))
 
 
 class _Responder:
@@ -182,7 +209,7 @@ class KimiEngineModel:
         self.engine = load_engine(params["engine_dir"], scheduling=scheduling)
         self.tokenizer = self.engine.tokenizer
         self.batcher = EngineBatcher(self.engine, scheduling)
-        self.metrics = _EngineMetrics()
+        self.metrics = _EngineMetrics(self.batcher.stats)
         self.constraints = None  # a ConstraintFactory, made for the first constrained request
 
     def _constraint(self, request):
@@ -234,6 +261,7 @@ class KimiEngineModel:
             except Exception as e:  # noqa: BLE001 - one request must not fail the others
                 log.exception("kimi: a request could not be submitted")
                 _fail_request(request, e)
+        self.metrics.refresh()
         return None
 
     def finalize(self) -> None:
