@@ -99,8 +99,9 @@ class EngineBatcher:
                 stopping = self._take_new(block=idle)
             try:
                 self.engine.step()
-            except BaseException as e:  # noqa: BLE001 - the loop has failed its requests
+            except BaseException as e:  # noqa: BLE001 - every request in the loop hears of it
                 self._log_failure(e)
+                self.engine.loop.fail_all(e)  # (a failed forward step has done so already)
         self._drain_waiting()
 
     def _take_new(self, block: bool) -> bool:
