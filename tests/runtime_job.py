@@ -26,8 +26,8 @@ from kimi_trt.runtime.engine import load_engine
 from kimi_trt.runtime.sampling import SamplingParams
 from kimi_trt.runtime.scheduling import KV_BLOCK_SIZE, Scheduling
 
-# two and a half KV blocks shared by the prefix prompts
-SHARED_PREFIX = [(7 * i + 3) % 1000 for i in range(KV_BLOCK_SIZE * 5 // 2)]
+# two and a half KV blocks shared by the prefix prompts (ids < 250: every tested vocab)
+SHARED_PREFIX = [(7 * i + 3) % 241 for i in range(KV_BLOCK_SIZE * 5 // 2)]
 
 
 def collect(engine, prompts: list[list[int]], steps: int) -> dict:

@@ -95,11 +95,16 @@ class _EngineMetrics:
     def __init__(self, stats):
         pb = _pb()
         self._stats = stats
-        self._loop = {
+        # a Metric is only valid while its MetricFamily lives: keep both
+        self._loop_families = {
             key: pb.MetricFamily(
                 name=f"kimi_trt_triton_{key}", description=doc, kind=pb.MetricFamily.GAUGE
-            ).Metric(labels={"model": "kimi"})
+            )
             for key, doc in LOOP_GAUGES.items()
+        }
+        self._loop = {
+            key: family.Metric(labels={"model": "kimi"})
+            for key, family in self._loop_families.items()
         }
         self._requests = pb.MetricFamily(
             name="kimi_trt_triton_requests_finished",
