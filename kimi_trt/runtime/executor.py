@@ -215,8 +215,10 @@ class TorchExecutor:
             lens.append(n)
             group = decode if plan.decode[i] else fresh if start == 0 else extend
             group.append((rows, n, table))
-        dev = self.device
-        t = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
+
+        def t(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
         pos = t(positions)
 
         def make(members, cached: bool) -> _Group | None:
