@@ -361,7 +361,12 @@ def verify(engine_dir: Path) -> None:
     is_flag=True,
     help="tensorrt_llm not decoupled (one response per request); torch repos: kimi_sync.",
 )
-@click.option("--max-batch-size", "triton_max_batch_size", type=int, help="Default: the engine's.")
+@click.option(
+    "--max-batch-size",
+    "triton_max_batch_size",
+    type=click.IntRange(min=1),
+    help="Requests batched at once (tensorrt_llm and kimi models) [default: the engine's].",
+)
 @click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True)
 @click.option(
     "--batch-scheduler-policy",
@@ -443,6 +448,11 @@ def triton_worker(engine_dir) -> None:
 )
 @click.option("--triton-model", help="Triton model [default: kimi or tensorrt_llm].")
 @click.option("--model-name", default="kimi-k2", show_default=True, help="Served model id.")
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    help="torch executor: requests generating at once [default: the engine dir's, else 8].",
+)
 @SCHEDULING_OPTIONS
 @click.option("--default-max-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option(

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.convert.rank_checkpoint import read_rank_config
 from kimi_trt.serving.anthropic_api import _arguments, sampler_temperature
 from tests.serving_support import (
     ARGUMENTS,
@@ -31,6 +32,7 @@ from tests.serving_support import (
 
 pytestmark = pytest.mark.serving
 MODEL = "kimi-k2"
+SEATS = 4  # --max-batch-size: requests generating at once (the concurrency tests send more)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def server_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(engine_dir, server_log):
-    with api_server(engine_dir, server_log, "--default-max-tokens", "64") as base:
+    args = ("--default-max-tokens", "64", "--max-batch-size", str(SEATS))
+    with api_server(engine_dir, server_log, *args) as base:
         yield base
 
 
@@ -521,7 +524,7 @@ def test_requests_join_a_running_generation(server, client, script):
     assert long_tokens_meanwhile < 200
 
 
-def test_a_repeated_prompt_prefix_reuses_the_kv_cache(server, client):
+def test_a_repeated_prompt_prefix_reuses_the_kv_cache(server, client, engine_dir):
     """Two agent turns with the same system prompt and tools: the second takes the first
     one's cached blocks (prefix-cache metrics) and still answers by the script."""
     system = {"role": "system", "content": "You are a weather agent. " * 20}
@@ -537,4 +540,6 @@ def test_a_repeated_prompt_prefix_reuses_the_kv_cache(server, client):
     assert metric(server, "kimi_trt_prefix_cache_hit_tokens_total") >= hit_tokens + 64
     assert metric(server, "kimi_trt_requests_running") == 0
     assert metric(server, "kimi_trt_kv_cache_blocks_used") == 0
-    assert metric(server, "kimi_trt_kv_cache_blocks_total") > 0
+    # one max_seq_len of 32-token blocks per seat
+    max_seq = read_rank_config(engine_dir).model.max_position_embeddings
+    assert metric(server, "kimi_trt_kv_cache_blocks_total") == SEATS * -(-max_seq // 32)

@@ -22,6 +22,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from kimi_trt.chat.tokenizer import KimiTokenizer
+from kimi_trt.runtime.scheduling import Scheduling
+from kimi_trt.serving.repo_spec import RepoOptions
 from kimi_trt.serving.triton_repo import write_triton_repo
 from kimi_trt.serving.triton_server import ServerPorts, TritonServer, leader_mode_command
 from tests.conftest import cli_env
@@ -199,7 +201,8 @@ def engine_dir(tmp_path_factory):
 
 
 def test_torch_repository(engine_dir, tmp_path):
-    write_triton_repo(engine_dir, tmp_path / "repo")
+    opts = RepoOptions(triton_max_batch_size=3, scheduling=Scheduling("static", 64, False))
+    write_triton_repo(engine_dir, tmp_path / "repo", opts)
     models = load_repo(tmp_path / "repo")
     assert set(models) == {"kimi", "kimi_sync"}
     kimi, sync = models["kimi"], models["kimi_sync"]
@@ -207,6 +210,8 @@ def test_torch_repository(engine_dir, tmp_path):
     assert kimi.model_transaction_policy.decoupled and not sync.model_transaction_policy.decoupled
     assert params(kimi)["engine_dir"] == str(engine_dir.resolve())
     assert params(sync)["target_model"] == "kimi"
+    assert Scheduling.from_parameters(params(kimi)) == opts.scheduling
+    assert params(kimi)["max_batch_size"] == "3"
     assert {i.name for i in sync.input} <= {i.name for i in kimi.input}
     for name in models:
         shim = (tmp_path / "repo" / name / "1" / "model.py").read_text()

@@ -242,7 +242,7 @@ def _triton_backend(engine_dir, triton_url: str, triton_model: str | None):
 
 
 @contextlib.contextmanager
-def _own_triton(engine_dir, scheduling):
+def _own_triton(engine_dir, scheduling, max_batch_size: int | None):
     """`--triton auto`: a repository in a temp dir and the bundled tritonserver for it (leader
     mode for multi-rank engines), both gone when the API server stops. Yields the gRPC URL."""
     import shutil
@@ -255,7 +255,8 @@ def _own_triton(engine_dir, scheduling):
     summary = summarize_engine(engine_dir)
     work = Path(tempfile.mkdtemp(prefix="kimi_trt_triton_"))
     try:
-        write_triton_repo(engine_dir, work / "repo", RepoOptions(scheduling=scheduling))
+        opts = RepoOptions(scheduling=scheduling, triton_max_batch_size=max_batch_size)
+        write_triton_repo(engine_dir, work / "repo", opts)
         server = TritonServer(
             work / "repo",
             engine_dir=engine_dir,
@@ -337,6 +338,7 @@ def serve(
     triton_url: str | None = None,
     triton_model: str | None = None,
     model_name: str = DEFAULT_MODEL_NAME,
+    max_batch_size: int | None = None,
     batching: str = "continuous",
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     prefix_cache: bool = True,
@@ -364,7 +366,7 @@ def serve(
     if triton_url:
         options["socket"] = listen_socket(host, port)
         own = (
-            _own_triton(engine_dir, scheduling)
+            _own_triton(engine_dir, scheduling, max_batch_size)
             if triton_url == "auto"
             else contextlib.nullcontext(triton_url)
         )
@@ -380,7 +382,7 @@ def serve(
     def this_rank() -> int:
         if detect_rank_info().is_driver:  # the port first: a user error in a second
             options["socket"] = listen_socket(host, port)
-        engine = load_engine(engine_dir, scheduling=scheduling)
+        engine = load_engine(engine_dir, scheduling=scheduling, max_batch_size=max_batch_size)
         if not engine.is_driver:
             engine.worker_loop()  # ranks > 0 follow rank 0 until it shuts down
             return 0

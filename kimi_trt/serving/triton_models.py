@@ -211,7 +211,12 @@ class KimiEngineModel:
         if not _pb().using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
             raise ValueError("the kimi model must be decoupled (kimi_sync serves whole responses)")
         scheduling = Scheduling.from_parameters(params)
-        self.engine = load_engine(params["engine_dir"], scheduling=scheduling)
+        batch = params.get("max_batch_size")
+        self.engine = load_engine(
+            params["engine_dir"],
+            scheduling=scheduling,
+            max_batch_size=int(batch) if batch else None,
+        )
         self.tokenizer = self.engine.tokenizer
         self.batcher = EngineBatcher(self.engine, scheduling)
         self.metrics = _EngineMetrics(self.batcher.stats)

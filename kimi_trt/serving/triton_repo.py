@@ -97,6 +97,12 @@ TORCH_OUTPUTS = [
 ]
 
 
+def _batch_parameter(opts: RepoOptions) -> dict[str, int]:
+    """The kimi model's max_batch_size (requests generating at once), when one is chosen."""
+    size = opts.triton_max_batch_size
+    return {"max_batch_size": size} if size is not None else {}
+
+
 def torch_model_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, dict[str, Any]]:
     """`kimi` (decoupled, runs the engine) and `kimi_sync` (one response per request, BLS)."""
     common = {
@@ -112,7 +118,9 @@ def torch_model_configs(engine: EngineSummary, opts: RepoOptions) -> dict[str, d
         "input": TORCH_INPUTS,
         "output": TORCH_OUTPUTS,
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
-        "parameters": string_parameters({**common, **opts.scheduling.parameters()}),
+        "parameters": string_parameters(
+            {**common, **opts.scheduling.parameters(), **_batch_parameter(opts)}
+        ),
     }
     sync = {
         "name": TORCH_SYNC_MODEL,
