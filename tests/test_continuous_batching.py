@@ -99,6 +99,20 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(engine_dir, plain):
     assert stats.running == stats.waiting == stats.kv_blocks_used == 0  # all released
 
 
+def test_an_agent_turn_reuses_the_previous_turn_and_its_answer(engine_dir, plain):
+    """Turn 2's prompt repeats turn 1's prompt and answer: it takes every full block turn 1
+    wrote (its 103 prompt tokens and 39 of its 40 generated ones: 4 blocks), and continues
+    exactly as without the cache."""
+    cached = load_engine(engine_dir, scheduling=Scheduling())
+    first = cached.generate([LONG], greedy(40))[0]
+    turn2 = LONG + first.tokens + [7, 8, 9]
+    second = cached.generate([turn2], greedy(5))[0]
+    assert second.cached_tokens == 4 * KV_BLOCK_SIZE
+    want = plain.generate([turn2], greedy(5))[0]
+    assert second.tokens == want.tokens
+    assert rel_err(torch.stack(second.logits), torch.stack(want.logits)) <= 1e-5
+
+
 def test_a_request_joins_the_running_loop_at_the_next_step(plain):
     """B, submitted while A decodes, gets its first token one step later, finishes first,
     and both continue exactly as they do alone."""

@@ -12,8 +12,10 @@ joins the running loop at its next step instead of waiting for a whole batch to 
      tokens - so a long prompt is prefilled over several steps and never stalls decode;
   3. samples for every entry that ended its prompt or decoded, streams the token, and
      retires requests that sampled a stop token, reached max_new_tokens or the cache
-     length, or were cancelled (their blocks go back to the pool; full prompt blocks
-     stay cached for the next request with the same prefix).
+     length, or were cancelled (their blocks go back to the pool; full blocks stay cached
+     for the next request with the same prefix - the prompt's as soon as it is
+     prefilled, the generated tokens' when the request ends, so an agent's next turn,
+     whose prompt repeats this one and its answer, reuses both).
 Whatever one request's sampling or callbacks raise ends it alone (finish_reason "error");
 a failed step (the engine or the multi-rank job broke) ends every request with the error
 and is raised to the caller.
@@ -92,7 +94,7 @@ class _Sequence:
     slot: int = -1
     pool: BlockPool | None = None
     blocks: list[int] = field(default_factory=list)
-    computed: int = 0  # prompt tokens whose latents are in the cache
+    computed: int = 0  # tokens (prompt, then generated) whose latents are in the cache
 
     @property
     def length(self) -> int:
@@ -184,7 +186,7 @@ class GenerationLoop:
         plan = StepPlan(
             slots=[s.slot for s in seqs],
             tokens=[toks for _, toks in entries],
-            starts=[s.computed if s.prefilling else s.length - 1 for s in seqs],
+            starts=[s.computed for s in seqs],
             blocks=[list(s.blocks) for s in seqs],
             decode=[not s.prefilling for s in seqs],
         )
@@ -194,8 +196,9 @@ class GenerationLoop:
             self.fail_all(e)
             raise
         for (seq, toks), row in zip(entries, logits, strict=True):
-            if seq.prefilling:
-                seq.computed += len(toks)
+            was_prefilling = seq.prefilling
+            seq.computed += len(toks)
+            if was_prefilling:
                 if seq.prefilling:
                     continue  # more chunks to come
                 seq.pool.register(seq.result.prompt_tokens, seq.blocks)
@@ -296,6 +299,9 @@ class GenerationLoop:
             self._finish(seq, "length")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
+        if self.active.get(seq.slot) is seq:  # its cached tokens, for a later turn to reuse
+            written = (seq.result.prompt_tokens + seq.result.tokens)[: seq.computed]
+            seq.pool.register(written, seq.blocks)
         self._release(seq)
         self._done(seq, reason)
 
