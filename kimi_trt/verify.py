@@ -17,7 +17,6 @@ near-tie bf16 may legitimately break the other way; later steps are then uncheck
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -29,8 +28,11 @@ from safetensors.torch import load_file
 
 from kimi_trt.checksum import file_matches, manifest_algorithm
 from kimi_trt.config import ModelConfig, model_config_from_dict
-from kimi_trt.engine_dir import ENGINE_CONFIG, is_llmapi_dir, read_engine_manifest
-from kimi_trt.errors import ConfigError, UserError
+from kimi_trt.convert.manifest import manifest_files
+from kimi_trt.convert.safetensors_header import read_safetensors_header
+from kimi_trt.engine_dir import ENGINE_CONFIG, ENGINE_FORMAT, MANIFEST, is_llmapi_dir
+from kimi_trt.errors import CheckpointError, ConfigError, UserError
+from kimi_trt.json_files import read_json
 
 REFERENCES = Path(__file__).resolve().parent / "assets" / "verify" / "tiny-kimi"
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
@@ -52,10 +54,64 @@ class Check:
     detail: str
 
 
+# The provenance keys verify reads from `<references>.json`, and their types.
+META_KEYS = {"model": str, "model_config_hash": str, "reference": str, "steps": int, "prompts": int}
+# Per case i, the tensors `<references>.safetensors` holds: dtypes allowed and rank.
+CASE_TENSORS = {
+    "prompt": (("I64", "I32"), 1),
+    "tokens": (("I64", "I32"), 1),
+    "logits": (("F32",), 2),
+    "margins": (("F32",), 1),
+}
+
+
+def _reference_meta(path: Path) -> dict[str, Any]:
+    """`<references>.json`, each key verify uses present with its type (one-line ConfigError
+    otherwise: a damaged install must not become a KeyError halfway through the table)."""
+    meta = read_json(path, ConfigError)
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: expected a JSON object of reference provenance")
+    for key, kind in META_KEYS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = "a string" if kind is str else "an integer"
+            raise ConfigError(f"{path}: '{key}' must be {what}, got {value!r:.60}")
+    if meta["prompts"] < 1 or meta["steps"] < 1:
+        raise ConfigError(f"{path}: 'prompts' and 'steps' must be at least 1")
+    return meta
+
+
+def _check_reference_tensors(path: Path, prompts: int) -> None:
+    """The header is valid (`safetensors_header`) and holds, per case, the four tensors with
+    the dtype and rank `Case` needs, logits one row per reference token."""
+    tensors = read_safetensors_header(path).tensors
+    for i in range(prompts):
+        for field, (dtypes, rank) in CASE_TENSORS.items():
+            name = f"{i}.{field}"
+            entry = tensors.get(name)
+            if entry is None:
+                raise CheckpointError(f"{path}: tensor '{name}' is missing ({prompts} prompts)")
+            if entry.dtype not in dtypes or len(entry.shape) != rank:
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' is {entry.dtype} {list(entry.shape)}, expected "
+                    f"{' or '.join(dtypes)} of rank {rank}"
+                )
+        steps = tensors[f"{i}.tokens"].shape[0]
+        for field in ("logits", "margins"):
+            got = tensors[f"{i}.{field}"].shape[0]
+            if got != steps:
+                raise CheckpointError(
+                    f"{path}: tensor '{i}.{field}' has {got} rows, '{i}.tokens' {steps} tokens"
+                )
+
+
 def load_references(base: Path = REFERENCES) -> tuple[list[Case], dict[str, Any]]:
-    """The shipped cases and their provenance (`<base>.safetensors`, `<base>.json`)."""
-    meta = json.loads(base.with_suffix(".json").read_text())
-    t = load_file(str(base.with_suffix(".safetensors")))
+    """The shipped cases and their provenance (`<base>.safetensors`, `<base>.json`), both
+    checked before use: a broken file is one line naming it and the key or tensor."""
+    meta = _reference_meta(base.with_suffix(".json"))
+    path = base.with_suffix(".safetensors")
+    _check_reference_tensors(path, meta["prompts"])
+    t = load_file(str(path))
     cases = [
         Case(
             t[f"{i}.prompt"].tolist(),
@@ -68,22 +124,39 @@ def load_references(base: Path = REFERENCES) -> tuple[list[Case], dict[str, Any]
     return cases, meta
 
 
+def _key_path(raw: Any, keys: tuple[str, ...]) -> Any:
+    """raw[k0][k1]... or None where a level is missing or not an object."""
+    for key in keys:
+        raw = raw.get(key) if isinstance(raw, dict) else None
+    return raw
+
+
 def engine_model(engine_dir: Path) -> ModelConfig:
-    """The model an engine dir was built from, read without loading weights."""
+    """The model an engine dir was built from, read without loading weights. config.json is
+    read with `json_files` (malformed, not UTF-8, nested too deep: one line) and the HF
+    config's key path is named when it is missing or not an object."""
     from kimi_trt.convert.rank_checkpoint import read_rank_config
     from kimi_trt.runtime.engine import find_checkpoint_dir
 
+    path = engine_dir / ENGINE_CONFIG
     if is_llmapi_dir(engine_dir):
-        raw = json.loads((engine_dir / ENGINE_CONFIG).read_text())["hf_config"]
-        return model_config_from_dict(raw, src=str(engine_dir / ENGINE_CONFIG))
-    ckpt = find_checkpoint_dir(engine_dir)
-    if ckpt is not None:
-        return read_rank_config(ckpt).model
-    try:
-        pre = json.loads((engine_dir / ENGINE_CONFIG).read_text())["pretrained_config"]
-        return model_config_from_dict(pre["kimi_trt"]["hf_config"], src=str(engine_dir))
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"{engine_dir}: not an engine dir kimi-trt can run") from None
+        keys: tuple[str, ...] = ("hf_config",)
+    else:
+        ckpt = find_checkpoint_dir(engine_dir)
+        if ckpt is not None:
+            return read_rank_config(ckpt).model
+        if not path.exists():
+            raise ConfigError(f"{engine_dir}: not an engine dir kimi-trt can run (no {path.name})")
+        keys = ("pretrained_config", "kimi_trt", "hf_config")
+    raw = read_json(path, ConfigError)
+    where = ".".join(keys)
+    hf = _key_path(raw, keys)
+    if hf is None:
+        raise ConfigError(
+            f"{path}: no '{where}' (not an engine dir kimi-trt can run: expected the HF config "
+            "it was built from)"
+        )
+    return model_config_from_dict(hf, src=f"{path}: {where}")
 
 
 def check_model(engine_dir: Path, meta: dict[str, Any]) -> None:
@@ -97,19 +170,37 @@ def check_model(engine_dir: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def check_files(engine_dir: Path) -> list[Check]:
+def read_verify_manifest(engine_dir: Path) -> dict[str, Any] | None:
+    """The engine manifest verify re-hashes against, its `files` checked (`manifest_files`:
+    each entry a name inside the dir with bytes and a digest); None when the dir has no
+    manifest.json or another kind's (a per-rank checkpoint's, which loading checks). A
+    manifest.json that is there but broken is a one-line error, not a silent SKIP."""
+    path = engine_dir / MANIFEST
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (expected the engine manifest)")
+    manifest = read_json(path, CheckpointError)
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (the engine manifest)")
+    if manifest.get("kind") != ENGINE_FORMAT:
+        return None
+    manifest_files(path, manifest)
+    return manifest
+
+
+def check_files(engine_dir: Path, manifest: dict[str, Any] | None) -> list[Check]:
     """Every file the engine manifest records, re-hashed with the manifest's algorithm."""
-    manifest = read_engine_manifest(engine_dir)
     if manifest is None:
         return [Check("files", "SKIP", "no engine manifest (not made by kimi-trt build)")]
     algorithm, bad = manifest_algorithm(manifest), []
-    for rel, want in sorted(manifest.get("files", {}).items()):
+    for rel, want in sorted(manifest["files"].items()):
         p = engine_dir / rel
         if not p.is_file():
             bad.append(Check(f"file {rel}", "FAIL", "missing"))
         elif not file_matches(p, want, algorithm):
             bad.append(Check(f"file {rel}", "FAIL", f"{algorithm} differs from manifest.json"))
-    n = len(manifest.get("files", {}))
+    n = len(manifest["files"])
     return bad or [Check("files", "PASS", f"{n} files match manifest.json ({algorithm})")]
 
 
@@ -176,18 +267,18 @@ def verify_command(engine_dir: Path, references: Path = REFERENCES) -> int:
     def body() -> int:
         try:
             check_model(engine_dir, meta)
+            manifest = read_verify_manifest(engine_dir)
         except UserError as e:
             raise shared(e) from None
         lead = detect_rank_info().rank == 0
-        checks = check_files(engine_dir) if lead else []
+        checks = check_files(engine_dir, manifest) if lead else []
         if lead:
             print(f"verify {engine_dir} against {meta['reference']} ({meta['model']})")
             print(f"{'check':<24} {'':<5} detail\n{render_rows(checks)}", flush=True)
         t0 = time.perf_counter()
         # With an engine manifest, check_files (rank 0) has just re-hashed every file and
         # names a changed one; the engine still loads it, to show what it computes.
-        hashed = read_engine_manifest(engine_dir) is not None
-        engine = load_engine(engine_dir, verify_checksums=not hashed)
+        engine = load_engine(engine_dir, verify_checksums=manifest is None)
         if not engine.is_driver:
             engine.worker_loop()
             return 0
