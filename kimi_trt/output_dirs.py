@@ -5,7 +5,8 @@ before producing anything: it creates the directory and proves a file can be cre
 it, so an output path whose parent is a file, a read-only directory or /proc is one line
 naming the path (exit 2) instead of a traceback halfway through. Files that mark a result
 complete are written with `write_json_atomic` (temp file, fsync, rename), so a failure
-never leaves half a file under the final name.
+never leaves half a file under the final name; any other writer (safetensors' save_file, a
+copy) writes inside `replacing`, which gives the same guarantee.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` for the caller to write; when the block ends normally
+    it replaces `path` in one rename, when it raises (an error, Ctrl-C, a full disk) the temp
+    file is removed. `path` therefore holds its old bytes or the complete new ones, never
+    part of a write - a reader (or a rerun) cannot mistake an interrupted file for a result."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a killed run's leftover
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise

@@ -160,6 +160,55 @@ def test_ue8m0_requantisation_writes_power_of_two_scales_and_reports_the_error(t
         assert weight in f.keys()
 
 
+# Requantises argv[1] into argv[2]; after the argv[4]-th shard is logged, no file may grow
+# past argv[3] bytes (RLIMIT_FSIZE, SIGXFSZ ignored: the write fails with EFBIG), a real
+# disk-full interruption at a chosen point.
+_INTERRUPTED = """
+import resource, signal, sys
+from pathlib import Path
+from kimi_trt.config import load_model_config
+from kimi_trt.llmapi.checkpoint import check_checkpoint, requantize_ue8m0
+src, out, limit, after = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+reader, _ = check_checkpoint(src, load_model_config(src))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+logged = []
+def log(line):
+    logged.append(line)
+    if len(logged) == after:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+requantize_ue8m0(reader, out, log)
+"""
+
+
+@pytest.mark.parametrize(
+    "after, limit",
+    [(1, 0), (3, 0), (3, 2000)],
+    ids=["second-shard-fails", "after-the-shards-nothing-fits", "config-fits-index-does-not"],
+)
+def test_an_interrupted_ue8m0_copy_leaves_no_file_that_looks_complete(
+    tiny_ckpt, tmp_path, after, limit
+):
+    """Every file of the UE8M0 copy is whole or absent, and the index (what makes it a
+    checkpoint) only exists once everything else does; a rerun completes it."""
+    import subprocess
+    import sys
+
+    model = load_model_config(tiny_ckpt)
+    full = tmp_path / "full"
+    requantize_ue8m0(check_checkpoint(tiny_ckpt, model)[0], full, lambda s: None)
+    want = {p.name: p.read_bytes() for p in full.iterdir()}
+    out = tmp_path / "ue8m0"
+    argv = [sys.executable, "-c", _INTERRUPTED, str(tiny_ckpt), str(out), str(limit), str(after)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-2000:]
+    left = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "model.safetensors.index.json" not in left
+    assert [n for n in left if n not in want] == []  # no *.tmp, nothing unknown
+    assert [n for n, data in left.items() if data != want[n]] == []  # no partial file
+    requantize_ue8m0(check_checkpoint(tiny_ckpt, model)[0], out, lambda s: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+
+
 def _llmapi_dir(tmp_path: Path, tiny_ckpt: Path) -> Path:
     from kimi_trt.build import run_build
     from tests.test_build import write_config

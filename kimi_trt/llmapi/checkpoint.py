@@ -16,7 +16,6 @@ One source shard is held in memory at a time.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from kimi_trt.convert.formats import ErrorStats
 from kimi_trt.convert.fp8 import FP8_DTYPE, dequantize_block, quantize_block
 from kimi_trt.convert.hf_layout import hf_tensors
 from kimi_trt.convert.reader import INDEX_NAME, HFCheckpoint
+from kimi_trt.output_dirs import replacing, write_json_atomic
 from kimi_trt.torch_bridge import to_torch
 
 UE8M0_DIR = "checkpoint-ue8m0"
@@ -75,23 +75,32 @@ def requantize_ue8m0(
     reader: HFCheckpoint, out: Path, log: Callable[[str], None]
 ) -> tuple[list[Path], dict[str, Any]]:
     """Write `out`: the checkpoint with UE8M0 block scales (each scale beside its weight,
-    a new index), every other file copied. Returns (files written, error per class)."""
+    a new index), every other file copied. Returns (files written, error per class).
+
+    Every file is written to a temp name and renamed (`output_dirs.replacing`), and the
+    index - what makes the directory a loadable checkpoint - is removed first and written
+    last: an interrupted build (killed, disk full) leaves no file that is partly written
+    and no index over a mix of shards, so neither TensorRT-LLM nor a rerun takes it for a
+    result."""
     out.mkdir(parents=True, exist_ok=True)
+    index = out / INDEX_NAME
+    index.unlink(missing_ok=True)
     classes = {t.name: t.cls for t in hf_tensors(reader.model)}
     stats: dict[str, ErrorStats] = defaultdict(ErrorStats)
     weight_map: dict[str, str] = {}
     written: list[Path] = []
     for file in sorted({t.file for t in reader.tensors.values()}):
         tensors = _requantize_file(reader, file, classes, stats)
-        tmp = out / (file + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        written.append(tmp.replace(out / file))
+        with replacing(out / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        written.append(out / file)
         weight_map.update(dict.fromkeys(tensors, file))
         log(f"[convert] {file}: {len(tensors)} tensors requantised to UE8M0 scales")
-    index = out / INDEX_NAME
-    index.write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}))
-    written.append(index)
     for src in sorted(reader.path.iterdir()):
         if src.is_file() and src.suffix != ".safetensors" and src.name != INDEX_NAME:
-            written.append(Path(shutil.copy2(src, out / src.name)))
+            with replacing(out / src.name) as tmp:
+                shutil.copy2(src, tmp)
+            written.append(out / src.name)
+    write_json_atomic(index, {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+    written.append(index)
     return written, {cls: s.to_json() for cls, s in sorted(stats.items())}

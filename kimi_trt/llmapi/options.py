@@ -20,6 +20,7 @@ import yaml
 
 from kimi_trt.config import BuildConfig
 from kimi_trt.errors import ConfigError
+from kimi_trt.output_dirs import replacing
 
 FIELDS_FILE = Path(__file__).resolve().parent.parent / "assets" / "tensorrt_llm_llmapi_fields.json"
 OPTIONS_FILE = "llm_api_options.yaml"
@@ -112,9 +113,8 @@ def write_options(path: Path, options: dict[str, Any], header: str) -> Path:
     """The options as YAML (trtllm-serve's --extra_llm_api_options format), atomically."""
     text = "".join(f"# {line}\n" for line in header.splitlines())
     text += yaml.safe_dump(options, sort_keys=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
