@@ -1,5 +1,6 @@
 """The TensorRT-LLM side of the build that runs without TensorRT-LLM: format/layout support
-rules, the checkpoint -> network weight adaptation, engine-build settings, shipped configs."""
+rules, the checkpoint -> network weight adaptation, engine-build settings, shipped configs,
+and the rank-file loader model.py uses (a corrupt rank file: one line naming file and tensor)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from kimi_trt.trtllm.compile import (
     trtllm_pretrained_dict,
 )
 from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights, k_b_proj_trans, kv_b_trtllm
+from tests import bad_inputs_support as bad
 from tests.conftest import K2_CONFIG, REPO
 
 GPU_CONFIGS = ["b200_ep8", "h200_ep8", "h200_tp16_2node", "h100_ep16_2node"]
@@ -174,3 +176,88 @@ def test_missing_capability_names_what_is_missing():
         import tensorrt_llm  # noqa: F401
     except ImportError:
         assert reason == "tensorrt_llm is not installed"
+
+
+# ---- rank files as the TensorRT-LLM model loads them ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_ckpt(tiny_ckpt, tmp_path_factory):
+    """A TP2 per-rank checkpoint prepared as TensorRT-LLM reads it (links to the rank files)."""
+    from kimi_trt.config import Parallelism, WeightFormats
+
+    root = tmp_path_factory.mktemp("trt_rank_files")
+    fmts = WeightFormats(attention="bf16", dense_mlp="bf16", experts="int8_wo")
+    convert_checkpoint(tiny_ckpt, root / "ranks", Parallelism(tp=2, ep=2), fmts, progress=False)
+    return prepare_trtllm_checkpoint(root / "ranks", root / "trt")
+
+
+def _same_size_dtype(h: dict) -> dict:
+    """The first tensor relabelled with another dtype of its element size: a header that is
+    valid on its own but does not hold what the weight table says."""
+    swap = {"BF16": "F16", "F16": "BF16", "F32": "I32", "I32": "F32", "I8": "U8", "U8": "I8"}
+    entry = h[bad.first(h)]
+    entry["dtype"] = swap.get(entry["dtype"], "I8")
+    return h
+
+
+@pytest.mark.parametrize(
+    "surgery, fragment",
+    [
+        (lambda p: bad.edit_header(p, lambda h: [h]), "a JSON list"),
+        (lambda p: bad.write_raw(p, bad.deep_json(), bad.split(p)[1]), "nested too deeply"),
+        (lambda p: bad.edit_header(p, bad.overlap), "overlaps tensor"),
+        (
+            lambda p: bad.edit_header(
+                p, bad.set_entry(bad.first, shape=lambda e: [e["shape"][0] + 1, *e["shape"][1:]])
+            ),
+            "needs",
+        ),
+        (lambda p: bad.edit_header(p, bad.set_entry(bad.first, dtype="F4")), "unknown"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-64]), "truncated"),
+        (lambda p: bad.edit_header(p, _same_size_dtype), "expected"),
+    ],
+    ids=[
+        "header-a-list",
+        "nested-10000-deep",
+        "overlapping-offsets",
+        "offsets-shorter-than-shape",
+        "unknown-dtype",
+        "truncated",
+        "valid-header-wrong-dtype",
+    ],
+)
+def test_a_corrupt_rank_file_is_one_line_naming_it_before_tensorrt_llm_loads(
+    trt_ckpt, tmp_path, surgery, fragment
+):
+    """`KimiK2ForCausalLM.from_checkpoint`'s loader: safetensors' load_file said e.g.
+    "invalid shape, data type, or offset for tensor" - no file, no tensor name."""
+    import shutil
+
+    from kimi_trt.trtllm.weights import load_rank_weights
+
+    ckpt = shutil.copytree(trt_ckpt, tmp_path / "trt")  # rank files copied, not linked
+    rank1 = ckpt / "rank1.safetensors"
+    surgery(rank1)
+    with pytest.raises(CheckpointError) as e:
+        load_rank_weights(ckpt, 1)
+    msg = str(e.value)
+    assert msg.startswith(f"{rank1}: ") and fragment in msg and "\n" not in msg, msg
+    assert load_rank_weights(ckpt, 0).keys() == load_file(ckpt / "rank0.safetensors").keys()
+
+
+def test_a_good_rank_file_loads_whole_and_model_py_loads_through_the_check(trt_ckpt):
+    import ast
+
+    from kimi_trt.trtllm.weights import load_rank_weights
+
+    got, want = load_rank_weights(trt_ckpt, 1), load_file(trt_ckpt / "rank1.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # model.py needs tensorrt_llm to import; its source must load rank files only this way.
+    tree = ast.parse((REPO / "kimi_trt" / "trtllm" / "model.py").read_text())
+    called = {
+        n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+    }
+    assert "load_rank_weights" in called and "load_file" not in called

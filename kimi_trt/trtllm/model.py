@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import safetensors.torch
 import torch
 from tensorrt_llm._common import default_trtnet
 from tensorrt_llm._utils import pad_vocab_size, str_dtype_to_torch
@@ -67,7 +66,7 @@ from tensorrt_llm.quantization.functional import preprocess_weights_for_mixed_ge
 
 from kimi_trt.plugins.routing import RouterParams
 from kimi_trt.plugins.trt_plugin import add_noaux_tc_router_layer
-from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights
+from kimi_trt.trtllm.weights import MlaDims, adapt_rank_weights, load_rank_weights
 
 # Modules kept in the model dtype whatever the formats (TensorRT-LLM's default list plus
 # the MLA output projection, whose plugin path takes no weight-only int8).
@@ -311,15 +310,14 @@ class KimiK2ForCausalLM(DecoderModelForCausalLM):
         *,
         preprocess_weights_hook=None,
     ):
-        """Build rank `rank`'s network and load `rank{rank}.safetensors` into it."""
+        """Build rank `rank`'s network and load `rank{rank}.safetensors` into it (header and
+        tensor list checked first: `load_rank_weights`)."""
         if config is None:
             config = PretrainedConfig.from_json_file(os.path.join(ckpt_dir, "config.json"))
         if rank is not None:
             config.set_rank(rank)
         model = cls(config)
-        weights = safetensors.torch.load_file(
-            os.path.join(ckpt_dir, f"rank{config.mapping.rank}.safetensors")
-        )
+        weights = load_rank_weights(ckpt_dir, config.mapping.rank)
         if preprocess_weights_hook is not None:
             weights = preprocess_weights_hook(weights)
         model.load(model.adapt_weights(weights))

@@ -15,15 +15,23 @@ engine build time, tensor by tensor, in plain torch (tested on CPU):
   `per_channel_scale`; the checkpoint stores row-major `[.., out, in]` int8 + fp32 scales.
   The interleave is architecture specific, so the caller passes TensorRT-LLM's
   `preprocess_weights_for_mixed_gemm` as `preprocess_int8`.
+
+`load_rank_weights` reads a rank file for `model.py` (which needs tensorrt_llm, so the
+check lives here where it is tested without it): header and tensor list are checked
+before safetensors trusts a byte.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from kimi_trt.convert.rank_checkpoint import check_rank_header, read_rank_config
 from kimi_trt.errors import CheckpointError
 
 PreprocessInt8 = Callable[[torch.Tensor], torch.Tensor]
@@ -124,3 +132,21 @@ def adapt_rank_weights(
             + ", ".join(missing[:5])
         )
     return out
+
+
+def load_rank_weights(ckpt_dir: str | Path, rank: int) -> dict[str, torch.Tensor]:
+    """The tensors of `rank{rank}.safetensors` in the per-rank checkpoint `ckpt_dir`.
+
+    safetensors' own loader stops at a corrupt header with a message that names neither the
+    file nor (often) the tensor, from deep inside an engine build. So, as the converter's
+    `--verify` does, the header is validated first (`check_rank_header`: offsets, dtypes,
+    shapes via `safetensors_header`, then exactly the tensors the weight table gives this
+    rank): a corrupt or mismatched rank file is one CheckpointError naming file and tensor.
+    """
+    cfg = read_rank_config(ckpt_dir)
+    check_rank_header(cfg, rank)
+    path = cfg.rank_file(rank)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:  # changed or unreadable since the check
+        raise CheckpointError(f"{path}: cannot load ({str(e).splitlines()[0]})") from None
