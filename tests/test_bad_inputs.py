@@ -492,6 +492,45 @@ CORPUS += [
         "cannot read input file",
     ),
 ]
+
+
+def _tokenizer(edit) -> Callable[[Env], list[str]]:
+    """`run --chat` with a tokenizer dir (a copy of the checkpoint's) broken by `edit`."""
+
+    def argv(env: Env) -> list[str]:
+        edit(env.hf)
+        tokenizer = str(env.hf)
+        return ["run", "--engine-dir", str(env.ranks), "--tokenizer-dir", tokenizer, "--chat", "hi"]
+
+    return argv
+
+
+CORPUS += [
+    (
+        "run",
+        "tokenizer-config-nested-10000-deep",
+        _tokenizer(lambda d: (d / "tokenizer_config.json").write_bytes(bad.deep_json())),
+        "tokenizer_config.json: malformed JSON (nested too deeply)",
+    ),
+    (
+        "run",
+        "tokenizer-added-tokens-a-list",
+        _tokenizer(
+            lambda d: bad.edit_json(
+                d / "tokenizer_config.json", lambda c: {**c, "added_tokens_decoder": [1]}
+            )
+        ),
+        "'added_tokens_decoder' must be an object",
+    ),
+    (
+        "run",
+        "tokenizer-chat-template-not-utf8",
+        _tokenizer(lambda d: (d / "chat_template.jinja").write_bytes(b"\xff")),
+        "chat_template.jinja: not UTF-8",
+    ),
+]
+
+
 for oid, make, frag in _out_paths(
     lambda env, out: ["convert", "--quiet", "--checkpoint", str(env.hf_src), "--out", str(out)]
 ):

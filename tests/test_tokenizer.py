@@ -210,6 +210,90 @@ def test_from_dir_errors(tmp_path):
         KimiTokenizer.from_dir(tmp_path)
 
 
+def _with_decoder(**entries):
+    """A tokenizer_config edit: added_tokens_decoder with `entries` (key -> entry) added."""
+    return lambda c: {**c, "added_tokens_decoder": {**c["added_tokens_decoder"], **entries}}
+
+
+DEEP = b'{"a": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+
+
+@pytest.mark.parametrize(
+    "name, change, fragment",
+    [
+        ("tokenizer_config.json", DEEP, "malformed JSON (nested too deeply)"),
+        ("tokenizer_config.json", b"{", "malformed JSON at line 1"),
+        ("tokenizer_config.json", b'{"a": "\xff"}', "not UTF-8 text"),
+        ("tokenizer_config.json", b"[]", "expected a JSON object"),
+        (
+            "tokenizer_config.json",
+            lambda c: {**c, "added_tokens_decoder": [1, 2]},
+            "'added_tokens_decoder' must be an object of id -> token, got a JSON list",
+        ),
+        (
+            "tokenizer_config.json",
+            _with_decoder(**{"256": {"content": 5}}),
+            "added_tokens_decoder['256'] needs a 'content' string",
+        ),
+        (
+            "tokenizer_config.json",
+            _with_decoder(**{"256": {"content": ["[BOS]"]}}),
+            "added_tokens_decoder['256'] needs a 'content' string",
+        ),
+        (
+            "tokenizer_config.json",
+            _with_decoder(**{"300": {"content": ""}}),
+            "added_tokens_decoder['300']: 'content' is empty",
+        ),
+        (
+            "tokenizer_config.json",
+            _with_decoder(**{"256": {"content": "[BOS]", "special": "no"}}),
+            "added_tokens_decoder['256']: 'special' must be true or false",
+        ),
+        (
+            "tokenizer_config.json",
+            _with_decoder(**{"3_00": {"content": "<|x|>"}}),
+            "added_tokens_decoder['3_00']: the key must be a decimal token id",
+        ),
+        ("chat_template.jinja", b"\xff\xfe", "not UTF-8 text (byte 0)"),
+        ("chat_template.jinja", "a directory", "not a regular file"),
+        ("tokenizer_config.json", "a directory", "not a regular file"),
+    ],
+    ids=[
+        "nested-10000-deep",
+        "malformed",
+        "not-utf8",
+        "a-list",
+        "added_tokens_decoder-a-list",
+        "content-an-int",
+        "content-a-list",
+        "content-empty",
+        "special-a-string",
+        "key-3_00",
+        "jinja-not-utf8",
+        "jinja-a-directory",
+        "config-a-directory",
+    ],
+)
+def test_a_broken_tokenizer_file_is_one_line_naming_file_and_key(tmp_path, name, change, fragment):
+    """Every file from_dir reads besides tiktoken.model: broken JSON (json_files), wrong types
+    or a file that is not a file is one ConfigError line starting with the file's path. (An
+    empty special-token name used to load, then hang tiktoken's encode forever.)"""
+    write_vocab_dir([bytes([i]) for i in range(256)], tmp_path)
+    path = tmp_path / name
+    if change == "a directory":
+        path.unlink(missing_ok=True)
+        path.mkdir()
+    elif callable(change):
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    else:
+        path.write_bytes(change)
+    with pytest.raises(ConfigError) as e:
+        KimiTokenizer.from_dir(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and fragment in msg and "\n" not in msg, msg
+
+
 def test_checkpoint_chat_template_is_used(tmp_path):
     write_vocab_dir([bytes([i]) for i in range(256)], tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import json
 import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -42,6 +41,7 @@ from kimi_trt.chat.kimi_format import (
 )
 from kimi_trt.chat.template import DEFAULT_CHAT_TEMPLATE, render_chat_parts
 from kimi_trt.errors import CheckpointError, ConfigError, UserError
+from kimi_trt.json_files import read_json
 
 SMALL_VOCAB_DIR = Path(__file__).resolve().parent.parent / "assets" / "small-vocab"
 
@@ -74,35 +74,54 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
+    """tokenizer_config.json ({} when absent), read with `json_files`: malformed, not UTF-8,
+    nested too deep or not an object is one ConfigError line naming the file - a tokenizer
+    dir is user input, and the server loads it at startup."""
+    if not path.exists():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (expected tokenizer_config.json)")
+    config = read_json(path, ConfigError)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return config
 
 
 def _named_specials(config: dict, base: int, source: Path) -> tuple[dict[int, str], set[str]]:
-    """added_tokens_decoder -> (id -> name, names whose `special` flag is false)."""
+    """added_tokens_decoder -> (id -> name, names whose `special` flag is false). Every
+    entry's key and fields are checked for type, so a wrong one is named here instead of
+    surfacing as an AttributeError or a misleading "special token missing" later."""
+    table = config.get("added_tokens_decoder")
+    if table is None:
+        return {}, set()
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{source}: 'added_tokens_decoder' must be an object of id -> token, "
+            f"got a JSON {type(table).__name__}"
+        )
     named: dict[int, str] = {}
     not_special: set[str] = set()
-    for key, entry in (config.get("added_tokens_decoder") or {}).items():
-        try:
-            token_id, name = int(key), entry["content"]
-        except (ValueError, TypeError, KeyError):
-            raise ConfigError(
-                f"{source}: added_tokens_decoder[{key!r}] needs an integer id and a 'content'"
-            ) from None
+    for key, entry in table.items():
+        where = f"{source}: added_tokens_decoder[{key!r}]"
+        if not (key.isascii() and key.isdecimal()):
+            raise ConfigError(f"{where}: the key must be a decimal token id")
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise ConfigError(f"{where} needs a 'content' string")
+        token_id, name = int(key), entry["content"]
+        if not name:
+            raise ConfigError(f"{where}: 'content' is empty")
         if not base <= token_id < base + NUM_RESERVED_SPECIAL_TOKENS:
             raise ConfigError(
                 f"{source}: added token {name!r} has id {token_id}, expected "
                 f"{base}..{base + NUM_RESERVED_SPECIAL_TOKENS - 1} (after the {base}-token base vocabulary)"
             )
+        special = entry.get("special")
+        if special is None:  # absent or null: special, as transformers reads it
+            special = True
+        if not isinstance(special, bool):
+            raise ConfigError(f"{where}: 'special' must be true or false, got {special!r:.40}")
         named[token_id] = name
-        if entry.get("special") is False:
+        if not special:
             not_special.add(name)
     return named, not_special
 
@@ -122,8 +141,15 @@ def _split_long_runs(text: str) -> Iterable[str]:
 def _chat_template(path: Path, config: dict) -> str | None:
     """The checkpoint's template: chat_template.jinja (newer releases) or tokenizer_config.json's."""
     jinja_file = path / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    if jinja_file.exists():
+        if not jinja_file.is_file():
+            raise ConfigError(f"{jinja_file}: not a regular file (expected a Jinja template)")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{jinja_file}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{jinja_file}: cannot read ({e.strerror})") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # transformers' named-templates form
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
