@@ -107,6 +107,16 @@ def test_options_file_round_trips_and_refuses_unknown_keys(tmp_path):
     path.write_text("tensor_parallel_size: 2\nmax_tokens_in_paged_kv_cache: 9\n")
     with pytest.raises(ConfigError, match="max_tokens_in_paged_kv_cache: not a TorchLlmArgs"):
         read_options(path)
+    for data, fragment in (
+        (b'backend: "\xff"\n', "not UTF-8 text (byte 10)"),
+        (b"[" * 10_000 + b"]" * 10_000, "malformed YAML (nested too deeply)"),
+        (b"a: [", "malformed YAML at line 1: expected the node content"),
+    ):
+        path.write_bytes(data)
+        with pytest.raises(ConfigError) as e:
+            read_options(path)
+        assert str(e.value).startswith(f"{path}: ") and fragment in str(e.value)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -119,11 +119,21 @@ def write_options(path: Path, options: dict[str, Any], header: str) -> Path:
 
 
 def read_options(path: Path) -> dict[str, Any]:
-    """An options file, checked (one-line ConfigError naming the file when it is not)."""
+    """An options file, checked (one-line ConfigError naming the file when it is not: also
+    for bytes that are not UTF-8, YAML nested deep enough to exhaust PyYAML's recursion and
+    YAML errors, whose text spans lines - as `config.load_build_config` reads build YAML)."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read LLM-API options ({e})") from None
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read LLM-API options ({e.strerror})") from None
+    except yaml.YAMLError as e:  # its str() spans several lines: keep the line and problem
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a YAML mapping of TorchLlmArgs options")
     check_options(raw, str(path))
