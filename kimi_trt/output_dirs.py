@@ -52,6 +52,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def _file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (rw for whom it allows):
+    a file another user's server reads must not stay owner-only because a library chose so."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path` for the caller to write; when the block ends normally
@@ -63,6 +71,7 @@ def replacing(path: Path) -> Iterator[Path]:
     tmp.unlink(missing_ok=True)  # a killed run's leftover
     try:
         yield tmp
+        os.chmod(tmp, _file_mode())  # safetensors' save_file creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ itself is at the end and skips with the reason where it is absent."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,6 +218,10 @@ def test_an_interrupted_ue8m0_copy_leaves_no_file_that_looks_complete(
     assert [n for n, data in left.items() if data != want[n]] == []  # no partial file
     requantize_ue8m0(check_checkpoint(tiny_ckpt, model)[0], out, lambda s: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == want
+    # readable by a server running as another user (safetensors' save_file makes 0600 files)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
 
 
 def _llmapi_dir(tmp_path: Path, tiny_ckpt: Path) -> Path:
