@@ -243,6 +243,7 @@ async def streams(base: str, plan: list[list[str]], max_tokens: int, concurrent:
         "wall_s": wall,
         "requests_per_s": len(results) / wall,
         "tokens_per_s": sum(v["tokens"] for v in results.values()) / wall,
+        "ttft_mean_s": statistics.fmean(ttfts) if ttfts else None,
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p99_s": pct(ttfts, 0.99),
     }
@@ -365,6 +366,7 @@ def main() -> None:
         report["after_vs_before"] = {
             "loaded_ttft_p50": a["loaded"]["ttft_p50_s"] / b["loaded"]["ttft_p50_s"],
             "warm_prefix_ttft_p50": a["prefix"]["warm_ttft_p50_s"] / b["prefix"]["warm_ttft_p50_s"],
+            "streams_ttft_mean": a["streams"]["ttft_mean_s"] / b["streams"]["ttft_mean_s"],
             "streams_ttft_p99": a["streams"]["ttft_p99_s"] / b["streams"]["ttft_p99_s"],
             "streams_throughput": a["streams"]["requests_per_s"] / b["streams"]["requests_per_s"],
         }
