@@ -71,16 +71,20 @@ def mpirun(n: int, *args: str) -> list[str]:
     return [str(VENV_BIN / "mpirun"), "-np", str(n), "--oversubscribe", *args]
 
 
-def mpi_collect(
+def run_runtime_job(
     world: int,
     engines: dict[str, Path],
     prompts: list[list[int]],
     steps: int,
     out: Path,
+    *,
+    kill: dict | None = None,
+    prefill_chunk: int | None = None,
     timeout: int = 300,
-) -> dict[str, dict]:
-    """Run tests/runtime_job.py on `world` ranks under mpirun (one launch for all `engines`,
-    each a per-rank checkpoint of that world size); rank 0's `collect` result per engine."""
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """tests/runtime_job.py on `world` ranks under mpirun (one launch for all `engines`, each
+    a per-rank checkpoint of that world size), with the spec its docstring describes."""
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     spec.write_text(
@@ -90,16 +94,33 @@ def mpi_collect(
                 "prompts": prompts,
                 "steps": steps,
                 "out": str(out),
-                "kill": None,
+                "kill": kill,
+                "prefill_chunk": prefill_chunk,
             }
         )
     )
     job = Path(__file__).resolve().parent / "runtime_job.py"
     cmd = mpirun(world, sys.executable, str(job), str(spec))
-    repo = job.parent.parent
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=mpi_env(), timeout=timeout, cwd=repo
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env or mpi_env(),
+        timeout=timeout,
+        cwd=job.parents[1],
     )
+
+
+def mpi_collect(
+    world: int,
+    engines: dict[str, Path],
+    prompts: list[list[int]],
+    steps: int,
+    out: Path,
+    timeout: int = 300,
+) -> dict[str, dict]:
+    """Rank 0's `collect` result per engine of a `run_runtime_job` that must succeed."""
+    proc = run_runtime_job(world, engines, prompts, steps, out, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: torch.load(out / f"{name}.pt") for name in engines}
 

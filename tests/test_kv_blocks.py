@@ -9,9 +9,14 @@ from kimi_trt.runtime.kv_blocks import BlockPool
 BS = 4
 
 
+def match(pool: BlockPool, prompt: list[int]) -> list[int]:
+    """Take the prompt's cached prefix blocks, as the loop does when it seats a request."""
+    return pool.take(pool.cached(prompt), len(prompt))
+
+
 def seq(pool: BlockPool, prompt: list[int]) -> list[int]:
     """A sequence's table as the loop builds it: cached prefix blocks, then fresh ones."""
-    table = pool.match(prompt)
+    table = match(pool, prompt)
     table += pool.allocate(pool.blocks_for(len(prompt)) - len(table))
     return table
 
@@ -22,7 +27,7 @@ def test_full_prompt_blocks_are_reused_and_one_token_is_left_to_compute():
     ta = seq(pool, a)
     pool.register(a, ta)
     b = list(range(8)) + [50, 51, 52]
-    assert pool.match(b) == ta[:2]
+    assert match(pool, b) == ta[:2]
     # exactly two full blocks: the last block is recomputed so the last token has logits
     assert pool.cached(list(range(8))) == ta[:1]
     assert pool.stats.hits == 1 and pool.stats.hit_tokens == 8
@@ -70,4 +75,4 @@ def test_prefix_cache_off_never_matches():
     pool = BlockPool(8, BS, prefix_cache=False)
     a = list(range(9))
     pool.register(a, seq(pool, a))
-    assert pool.match(a) == [] and pool.stats.queries == 0
+    assert match(pool, a) == [] and pool.stats.queries == 0

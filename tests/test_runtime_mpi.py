@@ -24,11 +24,18 @@ import torch
 
 from kimi_trt.runtime.engine import load_engine
 from tests.runtime_job import collect
-from tests.runtime_support import LAYOUTS, PROMPTS, STEPS, converted, mpi_env, mpirun, rel_err
+from tests.runtime_support import (
+    LAYOUTS,
+    PROMPTS,
+    STEPS,
+    converted,
+    mpi_env,
+    mpirun,
+    rel_err,
+    run_runtime_job,
+)
 
 pytestmark = pytest.mark.mpi
-REPO = Path(__file__).resolve().parent.parent
-JOB = REPO / "tests" / "runtime_job.py"
 PREFILL_CHUNK = 4
 
 
@@ -47,23 +54,16 @@ def world1(tiny_ckpt, tiny_groups_ckpt, root):
 
 
 def run_job(world: int, engines: dict[str, Path], out: Path, kill=None, timeout=240, env=None):
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "spec.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "engines": {k: str(v) for k, v in engines.items()},
-                "prompts": PROMPTS,
-                "steps": STEPS,
-                "out": str(out),
-                "kill": kill,
-                "prefill_chunk": PREFILL_CHUNK,
-            }
-        )
-    )
-    cmd = mpirun(world, sys.executable, str(JOB), str(spec))
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=env or mpi_env(), timeout=timeout, cwd=REPO
+    return run_runtime_job(
+        world,
+        engines,
+        PROMPTS,
+        STEPS,
+        out,
+        kill=kill,
+        prefill_chunk=PREFILL_CHUNK,
+        timeout=timeout,
+        env=env,
     )
 
 

@@ -224,22 +224,23 @@ class GenerationLoop:
     def _admit(self) -> None:
         while self.waiting and self.free:
             seq = self.waiting.popleft()
-            seq.slot = self._pick_slot(seq.result.prompt_tokens)
+            prompt = seq.result.prompt_tokens
+            hits = {owner: pool.cached(prompt) for owner, pool in self.pools.items()}
+            seq.slot = self._pick_slot(hits)
             seq.pool = self.pools[self.owner(seq.slot)]
-            seq.blocks = seq.pool.match(seq.result.prompt_tokens)
+            seq.blocks = seq.pool.take(hits[self.owner(seq.slot)], len(prompt))
             seq.computed = len(seq.blocks) * seq.pool.block_size
             seq.result.cached_tokens = seq.computed
             self.active[seq.slot] = seq
 
-    def _pick_slot(self, prompt: list[int]) -> int:
-        """The free seat whose owner caches the most of `prompt`, then runs the fewest
-        requests (lowest seat on ties)."""
+    def _pick_slot(self, hits: dict[int | None, list[int]]) -> int:
+        """The free seat whose owner caches the most of the prompt (`hits`: each owner's
+        cached prefix blocks), then runs the fewest requests (lowest seat on ties)."""
         load: dict[int | None, int] = {}
         for s in self.active:
             load[self.owner(s)] = load.get(self.owner(s), 0) + 1
-        hit = {o: len(pool.cached(prompt)) for o, pool in self.pools.items()}
         owner = self.owner
-        best = min(self.free, key=lambda s: (-hit[owner(s)], load.get(owner(s), 0), s))
+        best = min(self.free, key=lambda s: (-len(hits[owner(s)]), load.get(owner(s), 0), s))
         self.free.remove(best)
         return best
 

@@ -18,6 +18,7 @@ Only rank 0 runs this; the other ranks see block ids in the StepPlan.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ _ROOT = b"kimi-trt-kv"
 
 def _digest(parent: bytes, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    h.update(array("I", tokens).tobytes())
     return h.digest()
 
 
@@ -84,17 +85,17 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
-    def match(self, prompt: list[int]) -> list[int]:
-        """Take `cached(prompt)`: the caller owns a reference to each block."""
-        blocks = self.cached(prompt)
+    def take(self, blocks: list[int], prompt_len: int) -> list[int]:
+        """Take a reference to each of `blocks` (what `cached` found for a prompt of
+        `prompt_len` tokens) for the caller, and count the look-up."""
         for block in blocks:
             self._take(block)
         if self.prefix_cache:
             self.stats.queries += 1
-            self.stats.query_tokens += len(prompt)
+            self.stats.query_tokens += prompt_len
             self.stats.hits += bool(blocks)
             self.stats.hit_tokens += len(blocks) * self.block_size
-        return blocks
+        return list(blocks)
 
     def allocate(self, n: int) -> list[int]:
         """`n` fresh blocks (evicting idle cached ones, oldest first); ValueError if the
