@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,10 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from tiny_engine import make_engine  # noqa: E402 - bench/ is the script's dir
 
-from kimi_trt.config import Parallelism, WeightFormats  # noqa: E402
-from kimi_trt.convert.converter import run_conversion  # noqa: E402
-from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 from kimi_trt.runtime.scheduling import Scheduling  # noqa: E402
 from kimi_trt.serving.repo_spec import RepoOptions  # noqa: E402
 from kimi_trt.serving.triton_repo import write_triton_repo  # noqa: E402
@@ -59,15 +56,6 @@ SERVERS = {
 LONG_TEXT = " ".join(
     f"Paragraph {i}: the history of {t} is long and varied." for i, t in enumerate(TOPICS * 6)
 )
-
-
-def make_engine(work: Path) -> Path:
-    hf, engine = work / "hf", work / "engine"
-    write_synthetic_checkpoint(preset_config("tiny"), hf, seed=0, progress=False)
-    run_conversion(hf, engine, Parallelism(tp=1), WeightFormats(), progress=False)
-    for name in ("tiktoken.model", "tokenizer_config.json"):
-        shutil.copyfile(hf / name, engine / name)
-    return engine
 
 
 def tools(variant: int) -> list[dict]:

@@ -34,22 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from tiny_engine import make_engine  # noqa: E402 - bench/ is the script's dir
 
-from kimi_trt.config import Parallelism, WeightFormats  # noqa: E402
-from kimi_trt.convert.converter import run_conversion  # noqa: E402
-from kimi_trt.convert.synth import preset_config, write_synthetic_checkpoint  # noqa: E402
 from kimi_trt.serving.triton_server import free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "serve_body.json"
-
-
-def make_engine(work: Path) -> Path:
-    hf, engine = work / "hf", work / "engine"
-    write_synthetic_checkpoint(preset_config("tiny"), hf, seed=0, progress=False)
-    run_conversion(hf, engine, Parallelism(tp=1), WeightFormats(), progress=False)
-    for name in ("tiktoken.model", "tokenizer_config.json"):
-        shutil.copyfile(hf / name, engine / name)
-    return engine
 
 
 def export_tree(ref: str, work: Path) -> Path:
